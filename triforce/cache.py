@@ -1,0 +1,257 @@
+"""KV caches behind one small interface: the cache decides what each layer attends to.
+
+A forward pass of `Transformer` calls `begin(T)`, then `attend(layer, q, k, v)` for every layer
+with un-rotated q/k (the cache applies RoPE, so it owns positions), then `advance(T)`.
+`length` is how many tokens of the sequence the cache has absorbed; speculative decoding rolls
+back with `truncate(length)`. Middle-tier policies from the literature subclass `KVCache` too.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from triforce.models.llama import Transformer, apply_rope
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [1, H, T, D] over k/v [KVH, S, D]; the T queries are the last T of the S keys.
+
+    The mask is bottom-right causal: query i sees keys 0 .. S-T+i. GQA is handled by SDPA.
+    """
+    t, s = q.shape[2], k.shape[1]
+    mask = None
+    if t > 1:
+        mask = torch.arange(s, device=q.device)[None, :] <= torch.arange(s - t, s, device=q.device)[:, None]
+    return F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, enable_gqa=q.shape[1] != k.shape[0])
+
+
+class KVCache:
+    """Base: positions 0.. in sequence order, RoPE applied once when keys are written."""
+
+    shares_target_kv = False  # True: adopts the target's prefill instead of running its own
+
+    def __init__(self, model: Transformer):
+        self.rotary = model.rotary
+        self.n_layers = model.args.n_layers
+        self.n_kv_heads = model.n_kv_heads
+        self.head_dim = model.args.head_dim
+        self.dtype, self.device = model.dtype, model.device
+        self.length = 0
+
+    def begin(self, n_new: int) -> None:
+        pos = torch.arange(self.length, self.length + n_new, device=self.device)
+        self.cos, self.sin = self.rotary.cos_sin(pos, self.dtype)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def advance(self, n_new: int) -> None:
+        self.length += n_new
+
+    def truncate(self, length: int) -> None:
+        """Forget tokens at positions >= length (rejected drafts)."""
+        self.length = min(self.length, length)
+
+    def begin_round(self) -> None:
+        """A new speculation round starts for this tier (hook for re-selecting policies)."""
+
+    def adopt_prefix(self, length: int) -> bool:
+        """Take over the target's prefill of `length` tokens; False: this cache needs its own prefill."""
+        return False
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class FullCache(KVCache):
+    """Static, preallocated KV of every token: the target's cache (and the store retrieval reads)."""
+
+    def __init__(self, model: Transformer, max_length: int):
+        super().__init__(model)
+        self.max_length = max_length
+        shape = (self.n_layers, self.n_kv_heads, max_length, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+    def begin(self, n_new: int) -> None:
+        if self.length + n_new > self.max_length:
+            raise ValueError(f"{self.length + n_new} tokens exceed the cache's {self.max_length}: "
+                             f"shorten the prompt or max_new_tokens")
+        super().begin(n_new)
+
+    def attend(self, layer, q, k, v):
+        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        s, e = self.length, self.length + q.shape[2]
+        self.k[layer, :, s:e] = k[0]
+        self.v[layer, :, s:e] = v[0]
+        return attention(q, self.k[layer, :, :e], self.v[layer, :, :e])
+
+
+class StreamingCache(KVCache):
+    """StreamingLLM: `sinks` first tokens + the `window` most recent ones (Xiao et al., 2023).
+
+    With `position_shift` (the paper's choice) keys are stored un-rotated and RoPE uses positions
+    inside the cache, so a small draft never sees positions beyond its training window. `slack`
+    extra recent tokens are kept so a rejected speculation can be rolled back.
+    """
+
+    def __init__(self, model: Transformer, sinks: int, window: int, slack: int = 64,
+                 max_forward: int = 512, position_shift: bool = True):
+        super().__init__(model)
+        if sinks < 0 or window < 1:
+            raise ValueError(f"streaming cache needs sinks >= 0 and window >= 1 (got {sinks}, {window})")
+        self.sinks, self.window, self.slack, self.max_forward = sinks, window, slack, max_forward
+        self.position_shift = position_shift
+        self.capacity = sinks + window + slack + max_forward
+        shape = (self.n_layers, self.n_kv_heads, self.capacity, self.head_dim)
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.start = sinks  # sequence position held in slot `sinks` (first kept recent token)
+
+    def reset(self) -> None:
+        super().reset()
+        self.start = self.sinks
+
+    def _slot(self, pos: int) -> int:
+        return pos if pos < self.sinks else self.sinks + pos - self.start
+
+    def begin(self, n_new: int) -> None:
+        if n_new > self.max_forward:
+            raise ValueError(f"streaming cache takes at most {self.max_forward} tokens per forward, got {n_new}")
+        if self._slot(self.length) + n_new > self.capacity:  # compact: drop the oldest recent tokens
+            keep = max(self.start, self.length - self.window - self.slack)
+            a, b = self._slot(keep), self._slot(self.length)
+            self.k[:, :, self.sinks:self.sinks + b - a] = self.k[:, :, a:b].clone()
+            self.v[:, :, self.sinks:self.sinks + b - a] = self.v[:, :, a:b].clone()
+            self.start = keep
+        end = self.length + n_new
+        lo = min(max(self.start, end - n_new - self.window, self.sinks), end)
+        self.view = (min(self.sinks, end), self._slot(lo), self._slot(end))
+        n_view = self.view[0] + self.view[2] - self.view[1]
+        if self.position_shift:
+            pos = torch.arange(n_view, device=self.device)
+            self.cos_k, self.sin_k = self.rotary.cos_sin(pos, self.dtype)
+            self.cos, self.sin = self.cos_k[n_view - n_new:], self.sin_k[n_view - n_new:]
+        else:
+            super().begin(n_new)
+
+    def attend(self, layer, q, k, v):
+        q = apply_rope(q, self.cos, self.sin)
+        if not self.position_shift:
+            k = apply_rope(k, self.cos, self.sin)
+        s = self._slot(self.length)
+        self.k[layer, :, s:s + k.shape[2]] = k[0]
+        self.v[layer, :, s:s + k.shape[2]] = v[0]
+        n_sink, a, b = self.view
+        if a == n_sink:
+            keys, vals = self.k[layer, :, :b], self.v[layer, :, :b]
+        else:
+            keys = torch.cat((self.k[layer, :, :n_sink], self.k[layer, :, a:b]), dim=1)
+            vals = torch.cat((self.v[layer, :, :n_sink], self.v[layer, :, a:b]), dim=1)
+        if self.position_shift:
+            keys = apply_rope(keys, self.cos_k, self.sin_k)
+        return attention(q, keys, vals)
+
+    def truncate(self, length: int) -> None:
+        if length < self.length and length < self.start and self.start > self.sinks:
+            raise ValueError(f"streaming cache cannot roll back to {length}: tokens before {self.start} were "
+                             f"evicted; raise its slack ({self.slack}) above the speculation depth")
+        super().truncate(length)
+
+
+class RetrievalCache(KVCache):
+    """TriForce's retrieval draft cache: the target's own KV, read through top-k chunks.
+
+    The prefix is cut into `chunk_size`-token chunks, each summarised by its mean (rotated) key.
+    Per layer and KV head, the chunks whose summary scores highest against the current query
+    (summed over the query heads of the GQA group) fill `budget` tokens; chunk 0 (attention
+    sink) is always kept. Everything after the selection point (the partial last chunk, tokens
+    generated since, the tokens being drafted) is attended in full. Storage is the target's
+    `FullCache`: tokens the target has verified are read from there (TriForce's cache update),
+    and speculative tokens are written only past the target's verified length, never over it.
+
+    `reselect`: "once" (TriForce: select at the first draft step, then only append),
+    "round" (every verification round) or an int N (when N tokens were added since).
+    If the budget covers the whole prefix this is exactly full attention.
+    """
+
+    shares_target_kv = True
+
+    def __init__(self, full: FullCache, model: Transformer, budget: int, chunk_size: int = 8,
+                 reselect: str | int = "once"):
+        super().__init__(model)
+        if chunk_size < 1 or budget < chunk_size:
+            raise ValueError(f"retrieval needs chunk_size >= 1 and budget >= chunk_size (got {chunk_size}, {budget})")
+        if not (reselect in ("once", "round") or (isinstance(reselect, int) and reselect > 0)):
+            raise ValueError(f"reselect must be 'once', 'round' or a positive token count, got {reselect!r}")
+        self.full, self.budget, self.chunk, self.reselect = full, budget, chunk_size, reselect
+        self.n_select = budget // chunk_size
+        max_chunks = full.max_length // chunk_size
+        self.summaries = torch.zeros(self.n_layers, self.n_kv_heads, max_chunks, self.head_dim,
+                                     dtype=self.dtype, device=self.device)
+        self.sel_k = torch.zeros(self.n_layers, self.n_kv_heads, self.n_select * chunk_size, self.head_dim,
+                                 dtype=self.dtype, device=self.device)
+        self.sel_v = torch.zeros_like(self.sel_k)
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.n_summarized = [0] * self.n_layers
+        self.boundary, self.full_view = 0, True
+        self.select_next, self.selecting, self.selected_at = True, False, 0
+        self.selections = 0
+
+    def adopt_prefix(self, length: int) -> bool:
+        self.length = length
+        self.select_next = True
+        return True
+
+    def begin_round(self) -> None:
+        if self.reselect == "round" or (isinstance(self.reselect, int)
+                                        and self.length - self.selected_at >= self.reselect):
+            self.select_next = True
+
+    def begin(self, n_new: int) -> None:
+        super().begin(n_new)
+        self.selecting = self.select_next
+        if self.selecting:
+            self.boundary = (min(self.length, self.full.length) // self.chunk) * self.chunk
+            self.full_view = self.n_select >= self.boundary // self.chunk
+
+    def advance(self, n_new: int) -> None:
+        if self.selecting:
+            self.select_next, self.selecting, self.selected_at = False, False, self.length
+            self.selections += 1
+        super().advance(n_new)
+
+    def _select(self, layer: int, q: torch.Tensor) -> None:
+        n_chunks, c = self.boundary // self.chunk, self.chunk
+        done = self.n_summarized[layer]
+        if done < n_chunks:  # chunks below the verified length never change: summarise each once
+            keys = self.full.k[layer, :, done * c:n_chunks * c]
+            self.summaries[layer, :, done:n_chunks] = keys.unflatten(1, (n_chunks - done, c)).float().mean(2).to(self.dtype)
+            self.n_summarized[layer] = n_chunks
+        group = q.shape[1] // self.n_kv_heads
+        query = q[0, :, -1].float().view(self.n_kv_heads, group, -1).sum(1)  # [KVH, D]
+        scores = torch.einsum("hd,hcd->hc", query, self.summaries[layer, :, :n_chunks].float())
+        scores[:, 0] = float("inf")  # attention sink
+        top = scores.topk(self.n_select, dim=-1).indices.sort(dim=-1).values
+        idx = (top[..., None] * c + torch.arange(c, device=self.device)).flatten(1)[..., None].expand(-1, -1, self.head_dim)
+        torch.gather(self.full.k[layer], 1, idx, out=self.sel_k[layer])
+        torch.gather(self.full.v[layer], 1, idx, out=self.sel_v[layer])
+
+    def attend(self, layer, q, k, v):
+        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        s, e = self.length, self.length + q.shape[2]
+        w = max(s, self.full.length)  # never overwrite KV the target has verified
+        if w < e:
+            self.full.k[layer, :, w:e] = k[0, :, w - s:]
+            self.full.v[layer, :, w:e] = v[0, :, w - s:]
+        if self.full_view:
+            return attention(q, self.full.k[layer, :, :e], self.full.v[layer, :, :e])
+        if self.selecting:
+            self._select(layer, q)
+        b = self.boundary
+        keys = torch.cat((self.sel_k[layer], self.full.k[layer, :, b:e]), dim=1)
+        vals = torch.cat((self.sel_v[layer], self.full.v[layer, :, b:e]), dim=1)
+        return attention(q, keys, vals)

@@ -1,0 +1,199 @@
+"""One recursive N-tier speculation engine.
+
+tiers[0] is the target; tier k verifies gamma_k tokens proposed by tier k+1 and the last tier
+samples autoregressively. A tier's output is distributed exactly as its own processed
+distribution, so each level of verification is exact and the whole chain is lossless:
+`autoregressive` is [target], `retrieval` is [target, retrieval draft], `triforce` is
+[target, retrieval draft, tiny draft] — the same code with a different list.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from triforce.cache import KVCache
+from triforce.models.llama import Transformer
+from triforce.sampling import process_logits, sample, speculative_verify
+
+
+@dataclass
+class TierStats:
+    proposed: int = 0  # draft tokens this tier verified
+    accepted: int = 0
+    rounds: int = 0  # verification rounds
+    forwards: int = 0
+    tokens_forwarded: int = 0
+    seconds: float = 0.0
+
+    def summary(self, generated: int) -> dict:
+        return {
+            "proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds,
+            "acceptance_rate": self.accepted / self.proposed if self.proposed else None,
+            # tokens this tier emits per verification round (accepted drafts + 1 corrected/bonus)
+            "mean_accepted_length": (self.accepted + self.rounds) / self.rounds if self.rounds else None,
+            "forwards": self.forwards, "tokens_forwarded": self.tokens_forwarded,
+            "seconds": self.seconds,
+            "ms_per_generated_token": 1e3 * self.seconds / generated if generated else None,
+            "ms_per_forward": 1e3 * self.seconds / self.forwards if self.forwards else None,
+        }
+
+
+@dataclass
+class Tier:
+    """A model, the cache it reads, and how many draft tokens it verifies per round."""
+
+    name: str
+    model: Transformer
+    cache: KVCache
+    gamma: int = 0  # draft tokens asked from the tier below per round (unused on the last tier)
+    stats: TierStats = field(default_factory=TierStats)
+
+
+class SpeculativeEngine:
+    def __init__(self, tiers: list[Tier], temperature: float, top_p: float, prefill_chunk: int = 512,
+                 sync_timing: bool = False):
+        if not tiers:
+            raise ValueError("the engine needs at least the target tier")
+        for t in tiers[:-1]:
+            if t.gamma < 1:
+                raise ValueError(f"gamma of tier {t.name!r} must be >= 1, got {t.gamma}")
+        self.tiers, self.temperature, self.top_p = tiers, temperature, top_p
+        self.prefill_chunk = prefill_chunk
+        self.sync_timing = sync_timing  # synchronise the GPU around each forward for exact per-tier times
+        self.device = tiers[0].model.device
+
+    # -------------------------------------------------------------------------------- one forward
+    def _distributions(self, level: int, n_rows: int) -> torch.Tensor:
+        """Tier `level`'s processed distributions for the last `n_rows` positions of the sequence.
+
+        Feeds every token the tier's cache lacks (the prefill too, in chunks); rows come back for
+        positions seq_len - n_rows + 1 .. seq_len, i.e. predictions of the tokens after them.
+        """
+        tier = self.tiers[level]
+        cache = tier.cache
+        cache.truncate(self.seq_len - n_rows)
+        if self.sync_timing:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        start = cache.length
+        tier.stats.tokens_forwarded += self.seq_len - start
+        logits = None
+        while start < self.seq_len:
+            end = min(self.seq_len, start + self.prefill_chunk)
+            keep = max(0, n_rows - (self.seq_len - end))
+            out = tier.model(self.seq[None, start:end], cache, last=keep)
+            if keep:
+                logits = out[0] if logits is None else torch.cat((logits, out[0]))
+            start = end
+        if self.sync_timing:
+            torch.cuda.synchronize()
+        tier.stats.seconds += time.perf_counter() - t0
+        tier.stats.forwards += 1
+        return process_logits(logits, self.temperature, self.top_p)
+
+    def _append(self, tokens: torch.Tensor) -> None:
+        n = tokens.numel()
+        self.seq[self.seq_len:self.seq_len + n] = tokens
+        self.seq_len += n
+
+    def _invalidate(self, from_level: int, length: int) -> None:
+        for t in self.tiers[from_level:]:
+            t.cache.truncate(length)
+
+    # -------------------------------------------------------------------------------- recursion
+    def _propose(self, level: int, n: int, on_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append n tokens drawn from tier `level`'s distribution; return them and those distributions.
+
+        At the last tier this is plain sampling; above it, speculative rounds against the tier
+        below. `on_tokens` (top level only) sees each new batch and may stop early (EOS).
+        """
+        tier = self.tiers[level]
+        start0 = self.seq_len
+        toks, dists = [], []
+        produced = 0
+        while produced < n:
+            tier.cache.begin_round()
+            if level == len(self.tiers) - 1:
+                p = self._distributions(level, 1)
+                new, rows = sample(p, self.generator), p
+            else:
+                start = self.seq_len
+                g = tier.gamma
+                draft, q = self._propose(level + 1, g)
+                p = self._distributions(level, g + 1)
+                n_acc, nxt = speculative_verify(draft, q, p, self.generator)
+                tier.stats.proposed += g
+                tier.stats.accepted += n_acc
+                tier.stats.rounds += 1
+                self.seq_len = start + n_acc
+                self._invalidate(level, start + n_acc)
+                new, rows = torch.cat((draft[:n_acc], nxt[None])), p[:n_acc + 1]
+                self._append(nxt[None])
+            if level == len(self.tiers) - 1:
+                self._append(new)
+            toks.append(new)
+            dists.append(rows)
+            produced += new.numel()
+            if on_tokens is not None and on_tokens(new):
+                break
+        toks, dists = torch.cat(toks), torch.cat(dists)
+        if produced > n:  # a round overshot: keep the first n (still exactly distributed)
+            toks, dists = toks[:n], dists[:n]
+            self.seq_len = start0 + n
+            self._invalidate(level, start0 + n)
+        return toks, dists
+
+    # -------------------------------------------------------------------------------- public
+    @torch.inference_mode()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int] | None = None,
+                 seed: int = 0, callback=None) -> list[int]:
+        """Generate up to max_new_tokens after `prompt` (1-D ids); stops after a token in stop_ids.
+
+        Each call is independent: caches are reset and the RNG is seeded from `seed`.
+        `callback(list_of_new_ids)` streams tokens as the target accepts them.
+        """
+        stop_ids = stop_ids or set()
+        depth = sum(t.gamma for t in self.tiers[:-1]) + 2
+        self.seq = torch.zeros(prompt.numel() + max_new_tokens + depth, dtype=torch.long, device=self.device)
+        self.seq_len = 0
+        self._append(prompt.to(self.device))
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        for t in self.tiers:
+            t.cache.reset()
+            t.stats = TierStats()
+        out: list[int] = []
+
+        def on_tokens(new: torch.Tensor) -> bool:
+            first, done = len(out), False
+            for tok in new.tolist():
+                out.append(tok)
+                if tok in stop_ids or len(out) >= max_new_tokens:
+                    done = True
+                    break
+            if callback:
+                callback(out[first:])
+            return done
+
+        # prefill: the target (and every tier with its own KV) absorbs the prompt but its last token
+        self._prefill()
+        self._propose(0, max_new_tokens, on_tokens)
+        return out
+
+    def _prefill(self) -> None:
+        """Every tier absorbs the prompt but its last token; tiers reading the target's KV adopt it."""
+        t0 = time.perf_counter()
+        n = self.seq_len - 1
+        for level, tier in enumerate(self.tiers):
+            if level and tier.cache.adopt_prefix(n):
+                continue
+            for start in range(0, n, self.prefill_chunk):
+                end = min(n, start + self.prefill_chunk)
+                tier.model(self.seq[None, start:end], tier.cache, last=0)
+        if self.sync_timing:
+            torch.cuda.synchronize()
+        self.prefill_seconds = time.perf_counter() - t0
+
+    def stats(self, generated: int) -> dict:
+        return {t.name: t.stats.summary(generated) for t in self.tiers}

@@ -159,20 +159,18 @@ class StreamingCache(KVCache):
         super().truncate(length)
 
 
-class RetrievalCache(KVCache):
-    """TriForce's retrieval draft cache: the target's own KV, read through top-k chunks.
+class SelectionCache(KVCache):
+    """A draft cache that reads the target's `FullCache` through a per-head selection of its prefix.
 
-    The prefix is cut into `chunk_size`-token chunks, each summarised by its mean (rotated) key.
-    Per layer and KV head, the chunks whose summary scores highest against the current query
-    (summed over the query heads of the GQA group) fill `budget` tokens; chunk 0 (attention
-    sink) is always kept. Everything after the selection point (the partial last chunk, tokens
-    generated since, the tokens being drafted) is attended in full. Storage is the target's
-    `FullCache`: tokens the target has verified are read from there (TriForce's cache update),
-    and speculative tokens are written only past the target's verified length, never over it.
+    The prefix up to a chunk-aligned boundary (at most the target's verified length) is read
+    through `budget` selected token positions per layer and KV head (`choose`, the policy);
+    everything after the boundary (partial last chunk, tokens generated since the selection,
+    the tokens being drafted) is attended in full. Tokens the target verified are read from its
+    store (TriForce's cache update); speculative tokens are written only past the target's
+    verified length, never over it. If the budget covers the prefix this is exactly full attention.
 
-    `reselect`: "once" (TriForce: select at the first draft step, then only append),
-    "round" (every verification round) or an int N (when N tokens were added since).
-    If the budget covers the whole prefix this is exactly full attention.
+    `reselect`: "once" (select at the first draft step, then only append; TriForce's choice),
+    "round" (every verification round) or an int N (once N tokens were added since).
     """
 
     shares_target_kv = True
@@ -181,22 +179,18 @@ class RetrievalCache(KVCache):
                  reselect: str | int = "once"):
         super().__init__(model)
         if chunk_size < 1 or budget < chunk_size:
-            raise ValueError(f"retrieval needs chunk_size >= 1 and budget >= chunk_size (got {chunk_size}, {budget})")
+            raise ValueError(f"a draft cache needs chunk_size >= 1 and budget >= chunk_size (got {chunk_size}, {budget})")
         if not (reselect in ("once", "round") or (isinstance(reselect, int) and reselect > 0)):
             raise ValueError(f"reselect must be 'once', 'round' or a positive token count, got {reselect!r}")
-        self.full, self.budget, self.chunk, self.reselect = full, budget, chunk_size, reselect
-        self.n_select = budget // chunk_size
-        max_chunks = full.max_length // chunk_size
-        self.summaries = torch.zeros(self.n_layers, self.n_kv_heads, max_chunks, self.head_dim,
-                                     dtype=self.dtype, device=self.device)
-        self.sel_k = torch.zeros(self.n_layers, self.n_kv_heads, self.n_select * chunk_size, self.head_dim,
+        self.full, self.chunk, self.reselect = full, chunk_size, reselect
+        self.budget = (budget // chunk_size) * chunk_size
+        self.sel_k = torch.zeros(self.n_layers, self.n_kv_heads, self.budget, self.head_dim,
                                  dtype=self.dtype, device=self.device)
         self.sel_v = torch.zeros_like(self.sel_k)
         self.reset()
 
     def reset(self) -> None:
         super().reset()
-        self.n_summarized = [0] * self.n_layers
         self.boundary, self.full_view = 0, True
         self.select_next, self.selecting, self.selected_at = True, False, 0
         self.selections = 0
@@ -216,7 +210,7 @@ class RetrievalCache(KVCache):
         self.selecting = self.select_next
         if self.selecting:
             self.boundary = (min(self.length, self.full.length) // self.chunk) * self.chunk
-            self.full_view = self.n_select >= self.boundary // self.chunk
+            self.full_view = self.budget >= self.boundary
 
     def advance(self, n_new: int) -> None:
         if self.selecting:
@@ -224,21 +218,9 @@ class RetrievalCache(KVCache):
             self.selections += 1
         super().advance(n_new)
 
-    def _select(self, layer: int, q: torch.Tensor) -> None:
-        n_chunks, c = self.boundary // self.chunk, self.chunk
-        done = self.n_summarized[layer]
-        if done < n_chunks:  # chunks below the verified length never change: summarise each once
-            keys = self.full.k[layer, :, done * c:n_chunks * c]
-            self.summaries[layer, :, done:n_chunks] = keys.unflatten(1, (n_chunks - done, c)).float().mean(2).to(self.dtype)
-            self.n_summarized[layer] = n_chunks
-        group = q.shape[1] // self.n_kv_heads
-        query = q[0, :, -1].float().view(self.n_kv_heads, group, -1).sum(1)  # [KVH, D]
-        scores = torch.einsum("hd,hcd->hc", query, self.summaries[layer, :, :n_chunks].float())
-        scores[:, 0] = float("inf")  # attention sink
-        top = scores.topk(self.n_select, dim=-1).indices.sort(dim=-1).values
-        idx = (top[..., None] * c + torch.arange(c, device=self.device)).flatten(1)[..., None].expand(-1, -1, self.head_dim)
-        torch.gather(self.full.k[layer], 1, idx, out=self.sel_k[layer])
-        torch.gather(self.full.v[layer], 1, idx, out=self.sel_v[layer])
+    def choose(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Positions [KVH, budget] below `self.boundary` this layer reads; q [1, H, T, D] rotated."""
+        raise NotImplementedError
 
     def attend(self, layer, q, k, v):
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
@@ -250,8 +232,48 @@ class RetrievalCache(KVCache):
         if self.full_view:
             return attention(q, self.full.k[layer, :, :e], self.full.v[layer, :, :e])
         if self.selecting:
-            self._select(layer, q)
+            idx = self.choose(layer, q)[..., None].expand(-1, -1, self.head_dim)
+            torch.gather(self.full.k[layer], 1, idx, out=self.sel_k[layer])
+            torch.gather(self.full.v[layer], 1, idx, out=self.sel_v[layer])
         b = self.boundary
         keys = torch.cat((self.sel_k[layer], self.full.k[layer, :, b:e]), dim=1)
         vals = torch.cat((self.sel_v[layer], self.full.v[layer, :, b:e]), dim=1)
         return attention(q, keys, vals)
+
+
+class RetrievalCache(SelectionCache):
+    """TriForce's retrieval draft cache: top-k chunks of the target's own KV (Sun et al., 2024).
+
+    The prefix is cut into `chunk_size`-token chunks, each summarised by its mean (rotated) key.
+    Per layer and KV head, the chunks whose summary scores highest against the current query
+    (summed over the query heads of the GQA group) fill the budget; chunk 0 (the attention sink)
+    is always kept. Summaries of verified chunks never change, so each is computed once.
+    """
+
+    def __init__(self, full: FullCache, model: Transformer, budget: int, chunk_size: int = 8,
+                 reselect: str | int = "once"):
+        self.summaries = torch.zeros(model.args.n_layers, model.n_kv_heads, full.max_length // chunk_size,
+                                     model.args.head_dim, dtype=model.dtype, device=model.device)
+        super().__init__(full, model, budget, chunk_size, reselect)
+
+    def reset(self) -> None:
+        super().reset()
+        self.n_summarized = [0] * self.n_layers
+
+    def chunk_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Scores [KVH, n_chunks] of the chunks below the boundary against the last query."""
+        n_chunks, c = self.boundary // self.chunk, self.chunk
+        done = self.n_summarized[layer]
+        if done < n_chunks:
+            keys = self.full.k[layer, :, done * c:n_chunks * c]
+            self.summaries[layer, :, done:n_chunks] = keys.unflatten(1, (n_chunks - done, c)).float().mean(2).to(self.dtype)
+            self.n_summarized[layer] = n_chunks
+        group = q.shape[1] // self.n_kv_heads
+        query = q[0, :, -1].float().view(self.n_kv_heads, group, -1).sum(1)  # [KVH, D]
+        return torch.einsum("hd,hcd->hc", query, self.summaries[layer, :, :n_chunks].float())
+
+    def choose(self, layer, q):
+        scores = self.chunk_scores(layer, q)
+        scores[:, 0] = float("inf")  # attention sink
+        top = scores.topk(self.budget // self.chunk, dim=-1).indices.sort(dim=-1).values
+        return (top[..., None] * self.chunk + torch.arange(self.chunk, device=self.device)).flatten(1)

@@ -94,12 +94,13 @@ class ModelArgs:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
 
 
-def rope_inv_freq(args: ModelArgs, context_length: int) -> torch.Tensor:
-    """Inverse RoPE frequencies with the scaling long-context checkpoints use.
+def rope_inv_freq(args: ModelArgs, context_length: int) -> tuple[torch.Tensor, float]:
+    """Inverse RoPE frequencies and the attention factor, with long-context scalings.
 
     linear: positions divided by `factor`; dynamic (NTK): base enlarged for `context_length` beyond
     the original window (fixed for a run, since cached keys are rotated once); llama3: per-frequency
-    interpolation between wavelength bands.
+    interpolation between wavelength bands; yarn (Yarn-Llama-2-7b-128k): ramp between interpolated
+    and extrapolated frequencies plus an attention temperature folded into cos/sin.
     """
     d = args.head_dim
     base = args.rope_theta
@@ -122,9 +123,31 @@ def rope_inv_freq(args: ModelArgs, context_length: int) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / f + smooth * scaled
         medium = (wavelen >= old / hi) & (wavelen <= old / lo)
         inv = torch.where(medium, smoothed, scaled)
+    elif kind == "yarn":
+        f = sc["factor"]
+        old = sc.get("original_max_position_embeddings") or args.max_position_embeddings
+        beta_fast, beta_slow = sc.get("beta_fast", 32), sc.get("beta_slow", 1)
+
+        def correction_dim(rotations):
+            return d * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if sc.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, d - 1)
+        ramp = ((torch.arange(d // 2).float() - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv = (inv / f) * (1 - extrapolate) + inv * extrapolate
+        factor = sc.get("attention_factor")
+        if factor is None:
+            def mscale(m=1.0):
+                return 0.1 * m * math.log(f) + 1.0 if f > 1 else 1.0
+            m, m_all = sc.get("mscale"), sc.get("mscale_all_dim")
+            factor = mscale(m) / mscale(m_all) if m and m_all else mscale()
+        return inv, float(factor)
     elif kind not in ("default", "dynamic"):
-        raise ValueError(f"unsupported rope scaling type {kind!r}: use linear, dynamic or llama3")
-    return inv
+        raise ValueError(f"unsupported rope scaling type {kind!r}: use linear, dynamic, llama3 or yarn")
+    return inv, 1.0
 
 
 class Rotary(nn.Module):
@@ -132,12 +155,13 @@ class Rotary(nn.Module):
 
     def __init__(self, args: ModelArgs, context_length: int):
         super().__init__()
-        self.register_buffer("inv_freq", rope_inv_freq(args, context_length), persistent=False)
+        inv_freq, self.attention_factor = rope_inv_freq(args, context_length)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -300,7 +324,7 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
     with torch.device("meta"):
         model = Transformer(args, context_length, tp_group)
     model = model.to_empty(device=device).to(dtype)
-    model.rotary.inv_freq.copy_(rope_inv_freq(args, model.context_length))
+    model.rotary.inv_freq.copy_(rope_inv_freq(args, model.context_length)[0])
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if state_dict is None:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from triforce.cache import KVCache
 from triforce.models.llama import Transformer
@@ -148,11 +149,12 @@ class SpeculativeEngine:
     # -------------------------------------------------------------------------------- public
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int] | None = None,
-                 seed: int = 0, callback=None) -> list[int]:
+                 seed: int = 0, callback=None, progress: bool = False) -> list[int]:
         """Generate up to max_new_tokens after `prompt` (1-D ids); stops after a token in stop_ids.
 
         Each call is independent: caches are reset and the RNG is seeded from `seed`.
-        `callback(list_of_new_ids)` streams tokens as the target accepts them.
+        `callback(list_of_new_ids)` streams tokens as the target accepts them; `progress` shows
+        tqdm bars for the prefill and the generated tokens.
         """
         stop_ids = stop_ids or set()
         depth = sum(t.gamma for t in self.tiers[:-1]) + 2
@@ -164,6 +166,7 @@ class SpeculativeEngine:
             t.cache.reset()
             t.stats = TierStats()
         out: list[int] = []
+        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
 
         def on_tokens(new: torch.Tensor) -> bool:
             first, done = len(out), False
@@ -172,23 +175,26 @@ class SpeculativeEngine:
                 if tok in stop_ids or len(out) >= max_new_tokens:
                     done = True
                     break
+            bar.update(len(out) - first)
             if callback:
                 callback(out[first:])
             return done
 
         # prefill: the target (and every tier with its own KV) absorbs the prompt but its last token
-        self._prefill()
+        self._prefill(progress)
         self._propose(0, max_new_tokens, on_tokens)
+        bar.close()
         return out
 
-    def _prefill(self) -> None:
+    def _prefill(self, progress: bool = False) -> None:
         """Every tier absorbs the prompt but its last token; tiers reading the target's KV adopt it."""
         t0 = time.perf_counter()
         n = self.seq_len - 1
         for level, tier in enumerate(self.tiers):
             if level and tier.cache.adopt_prefix(n):
                 continue
-            for start in range(0, n, self.prefill_chunk):
+            chunks = range(0, n, self.prefill_chunk)
+            for start in tqdm(chunks, desc=f"prefill {tier.name}", disable=not progress or len(chunks) < 8, leave=False):
                 end = min(n, start + self.prefill_chunk)
                 tier.model(self.seq[None, start:end], tier.cache, last=0)
         if self.sync_timing:

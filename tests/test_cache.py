@@ -1,0 +1,128 @@
+"""What each cache lets a decode step attend to."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from triforce.cache import FullCache, RetrievalCache, StreamingCache
+from triforce.models.llama import ModelArgs, apply_rope, build_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    args = ModelArgs(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                     max_position_embeddings=512)
+    return build_model(args, None, "cpu", torch.float32, seed=3).eval()
+
+
+def qkv(t, heads=4, kv=2, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, heads, t, d, generator=g), torch.randn(1, kv, t, d, generator=g),
+            torch.randn(1, kv, t, d, generator=g))
+
+
+def reference(q, keys, vals, positions_q, rotary, key_positions=None):
+    """Plain softmax attention of rotated q over already-rotated keys (GQA repeat)."""
+    cos, sin = rotary.cos_sin(positions_q, q.dtype)
+    q = apply_rope(q, cos, sin)
+    rep = q.shape[1] // keys.shape[0]
+    k, v = keys.repeat_interleave(rep, 0)[None], vals.repeat_interleave(rep, 0)[None]
+    w = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
+    return torch.softmax(w, -1) @ v
+
+
+@torch.inference_mode()
+def test_full_cache_attends_to_everything(model):
+    cache = FullCache(model, 64)
+    ids = torch.randint(0, 50, (1, 20))
+    a = model(ids, cache)[0, -1]
+    cache.truncate(19)  # rolling back one token and recomputing it gives the same logits
+    b = model(ids[:, 19:], cache)[0, -1]
+    assert torch.allclose(a, b, atol=1e-5)
+    assert cache.length == 20
+
+
+@torch.inference_mode()
+def test_streaming_view_is_sinks_plus_window(model):
+    cache = StreamingCache(model, sinks=2, window=5, slack=4, max_forward=8, position_shift=False)
+    cache.n_layers = 1
+    keys, vals = [], []
+    for step in range(30):  # one token per step, as a draft decodes
+        q, k, v = qkv(1, d=model.args.head_dim, seed=step)
+        cache.begin(1)
+        out = cache.attend(0, q, k, v)
+        pos = torch.tensor([step])
+        cos, sin = model.rotary.cos_sin(pos, torch.float32)
+        keys.append(apply_rope(k, cos, sin)[0, :, 0]), vals.append(v[0, :, 0])
+        cache.advance(1)
+        seen = sorted(set(range(min(2, step + 1))) | set(range(max(0, step - 5), step + 1)))
+        want = reference(q, torch.stack([keys[i] for i in seen], 1), torch.stack([vals[i] for i in seen], 1),
+                         pos, model.rotary)
+        assert torch.allclose(out, want, atol=1e-5), step
+    assert cache.capacity < 30  # it really evicted
+    cache.truncate(27)  # roll back within the slack
+    with pytest.raises(ValueError, match="slack"):
+        cache.truncate(10)
+
+
+@torch.inference_mode()
+def test_streaming_position_shift_uses_cache_positions(model):
+    cache = StreamingCache(model, sinks=1, window=3, slack=2, max_forward=4, position_shift=True)
+    for _ in range(10):
+        model(torch.randint(0, 50, (1, 1)), cache)
+    cache.begin(1)
+    assert cache.cos.shape[0] == 1 and cache.cos_k.shape[0] == 1 + 3 + 1  # positions 0..4 inside the cache
+
+
+@torch.inference_mode()
+def test_retrieval_keeps_sink_and_best_chunk_and_never_overwrites_target(model):
+    full = FullCache(model, 128)
+    ids = torch.randint(0, 50, (1, 64))
+    model(ids, full)
+    kv = full.k.clone()
+    ret = RetrievalCache(full, model, budget=8, chunk_size=4)
+    ret.adopt_prefix(63)  # it re-reads the target's last token position: protected, not rewritten
+    q = torch.zeros(1, 4, 1, model.args.head_dim)
+    ret.begin(1)
+    q_rot = q.clone()
+    # make chunk 9 (positions 36..39) the best match for head 0
+    target_key = full.k[0, 0, 36:40].mean(0)
+    ret.boundary = 60
+    ret.full_view = False
+    scores = ret.chunk_scores(0, target_key.expand(1, 4, 1, -1).contiguous() * 1.0)
+    idx = ret.choose(0, target_key.expand(1, 4, 1, -1).contiguous())
+    assert idx.shape == (2, 8)
+    assert set(range(4)) <= set(idx[0].tolist())  # sink chunk
+    assert int(scores[0, 1:].argmax()) + 1 in {int(i) // 4 for i in idx[0]}
+    ret.length = 63
+    ret.begin(1)
+    model.layers[0].self_attn(torch.randn(1, 1, model.args.dim), ret, 0)
+    assert torch.equal(full.k[:, :, :63], kv[:, :, :63])  # verified KV untouched
+    del q_rot
+
+
+@torch.inference_mode()
+def test_retrieval_with_budget_over_prefix_is_exact(model):
+    ids = torch.randint(0, 50, (1, 40))
+    full = FullCache(model, 64)
+    want = model(ids, full)[0, -1]
+    full.truncate(39)
+    ret = RetrievalCache(full, model, budget=64, chunk_size=4)
+    ret.adopt_prefix(39)
+    got = model(ids[:, 39:], ret)[0, -1]
+    assert ret.full_view and torch.allclose(want, got, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_retrieval_reselect_intervals(model):
+    full = FullCache(model, 200)
+    model(torch.randint(0, 50, (1, 100)), full)
+    for mode, expected in (("once", 1), ("round", 5), (2, 3)):
+        ret = RetrievalCache(full, model, budget=16, chunk_size=4, reselect=mode)
+        ret.adopt_prefix(99)
+        for step in range(5):
+            ret.begin_round()
+            model(torch.randint(0, 50, (1, 1)), ret)
+        assert ret.selections == expected, mode
+        ret.truncate(99)
+    with pytest.raises(ValueError, match="reselect"):
+        RetrievalCache(full, model, budget=16, reselect="sometimes")

@@ -1,0 +1,74 @@
+"""The Hydra CLI and the API reject bad input with a clear message before heavy work."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import triforce
+
+TINY = ["+model=tiny-random", "max_new_tokens=8"]
+
+
+def run_cli(*args, tmp_path=None):
+    return subprocess.run([sys.executable, "-m", "triforce.generate", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=300)
+
+
+def test_cli_runs_and_writes_json(tmp_path):
+    out = tmp_path / "o.json"
+    r = run_cli(*TINY, "pipeline=triforce", f"output_json={out}", "prompt=hello world", tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert len(data["token_ids"]) == 8 and set(data["stats"]["tiers"]) == {"target", "retrieval", "tiny"}
+    assert "tok/s" in r.stderr and "accept" in r.stderr
+
+
+def test_cli_missing_checkpoint_names_the_path(tmp_path):
+    r = run_cli("+model=llama2-7b-128k", tmp_path=tmp_path)
+    assert r.returncode != 0 and "Yarn-Llama-2-7b-128k does not exist" in r.stderr
+
+
+def test_api_is_reusable_and_seeded():
+    gen = triforce.load(*TINY, "pipeline=retrieval")
+    a = gen.generate("abc", seed=1).token_ids
+    b = gen.generate("a longer prompt " * 8, seed=2).token_ids
+    assert gen.generate("abc", seed=1).token_ids == a and len(b) == 8
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("gamma=0", "gamma"), ("draft.gamma=0", "gamma"), ("temperature=-1", "temperature"),
+    ("top_p=0", "top_p"), ("top_p=1.5", "top_p"), ("pipeline=fast", "pipeline"),
+    ("cache.budget=2", "budget"), ("model.path=/nonexistent/ckpt", None), ("device=tpu", "device"),
+])
+def test_bad_config(override, msg):
+    if override.startswith("model.path"):
+        with pytest.raises(FileNotFoundError, match="/nonexistent/ckpt"):
+            triforce.load("+model=llama2-7b-128k", override)
+        return
+    with pytest.raises((ValueError, RuntimeError), match=msg):
+        triforce.load(*TINY, override)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
+def test_cuda_without_gpu():
+    with pytest.raises(RuntimeError, match="no CUDA GPU"):
+        triforce.load(*TINY, "device=cuda")
+
+
+def test_bad_prompts():
+    gen = triforce.load(*TINY)
+    with pytest.raises(ValueError, match="empty"):
+        gen.generate("")
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        gen.generate([1] * 2045, max_new_tokens=8)
+
+
+def test_draft_vocab_mismatch(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="vocabulary"):
+        triforce.load(*TINY, f"model.draft_path={tmp_path}")

@@ -1,0 +1,124 @@
+"""Statistical losslessness: speculative pipelines sample exactly the target's distribution.
+
+On a small random model (vocabulary 12, peaky logits) the first two generated tokens are drawn
+N times per pipeline; their empirical joint distribution is compared with the exact target joint
+(enumerated: p(x1) p(x2 | x1)) by total-variation distance. The bound is derived from N:
+E[TV] <= 1/2 sum_x sqrt(p_x (1 - p_x) / N) (Jensen), plus sqrt(ln(1/delta) / 2N) by McDiarmid
+(one sample moves TV by at most 1/N), delta = 1e-4. A verifier that resamples from p instead
+of norm(max(0, p - q)) is rejected by the same check, so the test can fail.
+"""
+import math
+
+import pytest
+import torch
+
+import triforce.engine as engine_mod
+from triforce.cache import FullCache, StreamingCache
+from triforce.engine import SpeculativeEngine, Tier
+from triforce.models.llama import ModelArgs, build_model
+from triforce.policies import make_policy
+from triforce.sampling import process_logits, sample
+
+V, PROMPT, N = 12, 48, 2000
+
+
+def peaky_model(seed: int):
+    args = ModelArgs(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                     max_position_embeddings=256)
+    model = build_model(args, None, "cpu", torch.float32, seed=seed)
+    with torch.no_grad():  # random init gives near-uniform logits; sharpen them so tiers differ
+        model.lm_head.weight.mul_(60.0)
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    target, tiny = peaky_model(1), peaky_model(2)
+    prompt = torch.randint(0, V, (PROMPT,), generator=torch.Generator().manual_seed(0))
+    return target, tiny, prompt
+
+
+def tiers(target, tiny, pipeline, policy="retrieval"):
+    full = FullCache(target, PROMPT + 32)
+    out = [Tier("target", target, full, gamma=3)]
+    if pipeline in ("retrieval", "triforce"):
+        out.append(Tier(policy, target, make_policy(policy, full, target, 8, 4, "once"), gamma=2))
+    if pipeline == "triforce":
+        out.append(Tier("tiny", tiny, StreamingCache(tiny, 2, 4, max_forward=64)))
+    return out
+
+
+@torch.inference_mode()
+def exact_joint(target, prompt, temperature, top_p):
+    """p(x1, x2) of the target by enumeration over x1."""
+    cache = FullCache(target, PROMPT + 2)
+    p1 = process_logits(target(prompt[None], cache, last=1)[0], temperature, top_p)[0]
+    joint = torch.zeros(V, V)
+    for x1 in range(V):
+        cache.truncate(PROMPT)
+        p2 = process_logits(target(torch.tensor([[x1]]), cache)[0], temperature, top_p)[0]
+        joint[x1] = p1[x1] * p2
+    return joint
+
+
+@torch.inference_mode()
+def first_token_dist(model, tier_list, prompt, temperature, top_p):
+    """The bottom tier's exact distribution of the first token (to show the tiers differ)."""
+    eng = SpeculativeEngine(tier_list, temperature, top_p, prefill_chunk=64)
+    eng.seq, eng.seq_len = torch.zeros(PROMPT + 8, dtype=torch.long), 0
+    eng._append(prompt)
+    for t in tier_list:
+        t.cache.reset()
+    eng._prefill()
+    return eng._distributions(len(tier_list) - 1, 1)[0]
+
+
+def empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy="retrieval"):
+    eng = SpeculativeEngine(tiers(target, tiny, pipeline, policy), temperature, top_p, prefill_chunk=64)
+    counts = torch.zeros(V, V)
+    for seed in range(N):
+        x1, x2 = eng.generate(prompt, 2, seed=seed)
+        counts[x1, x2] += 1
+    return counts / N
+
+
+def tv_bound(p: torch.Tensor, n: int, delta: float = 1e-4) -> float:
+    return 0.5 * float((p * (1 - p) / n).sqrt().sum()) + math.sqrt(math.log(1 / delta) / (2 * n))
+
+
+def broken_verify(draft, q, p, generator=None):
+    """Resamples from p (not the residual) on rejection: biased towards the draft."""
+    g = draft.shape[0]
+    rows = torch.arange(g)
+    u = torch.rand(g, generator=generator)
+    accepted = u * q[rows, draft] < p[rows, draft]
+    n = int(accepted.cumprod(0).sum())
+    return n, sample(p[min(n, g)][None], generator)[0]
+
+
+CASES = [("retrieval", 1.0, 1.0, "retrieval"), ("triforce", 1.0, 1.0, "retrieval"),
+         ("triforce", 1.0, 0.8, "retrieval"), ("triforce", 1.0, 1.0, "streaming"), ("retrieval", 1.0, 1.0, "h2o")]
+
+
+@pytest.mark.parametrize("pipeline,temperature,top_p,policy", CASES)
+def test_output_distribution_is_the_targets(setup, pipeline, temperature, top_p, policy):
+    target, tiny, prompt = setup
+    truth = exact_joint(target, prompt, temperature, top_p)
+    # the drafts must really differ from the target, or the test could not fail
+    t_first = truth.sum(1)
+    d_first = first_token_dist(target, tiers(target, tiny, pipeline, policy), prompt, temperature, top_p)
+    assert 0.5 * (t_first - d_first).abs().sum() > 0.05
+    emp = empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy)
+    tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+    assert tv < bound, f"TV {tv:.4f} exceeds the sampling bound {bound:.4f}"
+
+
+def test_broken_verifier_is_detected(setup, monkeypatch):
+    target, tiny, prompt = setup
+    monkeypatch.setattr(engine_mod, "speculative_verify", broken_verify)
+    truth = exact_joint(target, prompt, 1.0, 1.0)
+    emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0)
+    tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+    assert tv > bound, f"a broken verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"

@@ -1,0 +1,308 @@
+"""Hydra entry point (`python -m triforce.generate`) and the Python API (`triforce.load`).
+
+A `Generator` loads the models once; each `generate` call builds fresh caches, so calls with
+different prompts and seeds are independent. Every check of user input runs before heavy work.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from triforce.cache import FullCache, StreamingCache
+from triforce.engine import SpeculativeEngine, Tier
+from triforce.models.llama import ModelArgs, build_model, embedded_gguf, load_hf_dir, resolve_checkpoint
+from triforce.sampling import check_sampling
+
+log = logging.getLogger("triforce")
+PIPELINES = {"autoregressive": 1, "retrieval": 2, "triforce": 3}
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    stats: dict
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer for random-weight models: bytes folded into the vocabulary."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [b % self.vocab_size for b in text.encode()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but no CUDA GPU is visible here: use device=cpu (or auto)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto or one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def default_model_config() -> DictConfig:
+    """conf/model/smollm2-135m.yaml's `model` node: the embedded default when no +model= is given."""
+    return OmegaConf.create(resources.files("triforce.conf").joinpath("model/smollm2-135m.yaml").read_text()).model
+
+
+class Generator:
+    """Load once, generate many times: `triforce.load(...)` or `Generator(cfg)`."""
+
+    def __init__(self, cfg: DictConfig):
+        cfg = cfg.copy()
+        OmegaConf.set_struct(cfg, False)
+        if cfg.get("model") is None:
+            cfg.model = default_model_config()
+        self.cfg = cfg
+        self.n_tiers = PIPELINES.get(cfg.pipeline)
+        if self.n_tiers is None:
+            raise ValueError(f"pipeline must be one of {list(PIPELINES)}, got {cfg.pipeline!r}")
+        check_sampling(cfg.temperature, cfg.top_p)
+        if cfg.gamma < 1 or cfg.draft.gamma < 1:
+            raise ValueError(f"gamma and draft.gamma must be >= 1 (got {cfg.gamma}, {cfg.draft.gamma})")
+        if cfg.cache.budget < cfg.cache.chunk_size or cfg.cache.chunk_size < 1:
+            raise ValueError(f"cache.budget ({cfg.cache.budget}) must be >= cache.chunk_size ({cfg.cache.chunk_size}) >= 1")
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        m = cfg.model
+        self.context_length = int(m.context_length)
+
+        # checkpoint paths and shapes first (cheap), then the memory check, then the weights
+        if m.random_weights:
+            if not m.args:
+                raise ValueError(f"model {m.name}: random_weights needs model.args (ModelArgs fields)")
+            self.args, target_dir = ModelArgs(**OmegaConf.to_container(m.args)), None
+            self.tokenizer = ByteTokenizer(self.args.vocab_size)
+        else:
+            if not m.path:
+                raise ValueError(f"model {m.name}: set model.path (local HF directory or .gguf file)")
+            target_dir = resolve_checkpoint(embedded_gguf() if m.path == "embedded" else m.path)
+            self.args = ModelArgs.from_hf_config(json.loads((target_dir / "config.json").read_text()))
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+        draft_dir = None
+        if self.n_tiers == 3 and m.draft_path not in (None, "self"):
+            draft_dir = resolve_checkpoint(m.draft_path)
+            self._check_draft_tokenizer(draft_dir)
+        if self.device.type == "cuda":
+            self._check_memory(self.args.weight_bytes(self.dtype.itemsize), "the target's weights")
+
+        if target_dir is None:
+            self.model = build_model(self.args, None, self.device, self.dtype, self.context_length, seed=cfg.seed)
+        else:
+            self.model, _ = load_hf_dir(target_dir, self.device, self.dtype, self.context_length)
+        self.model.eval()
+        self.draft = None
+        if self.n_tiers == 3:
+            if draft_dir is not None:
+                self.draft, dargs = load_hf_dir(draft_dir, self.device, self.dtype)
+            elif m.get("draft_args"):
+                dargs = ModelArgs(**OmegaConf.to_container(m.draft_args))
+                self.draft = build_model(dargs, None, self.device, self.dtype, seed=cfg.seed + 1)
+            else:
+                keep = list(m.draft_layers) if m.draft_layers else list(range(self.args.n_layers))
+                self.draft = self.model.layer_subset(keep)
+            if self.draft.args.vocab_size != self.args.vocab_size:
+                raise ValueError(f"draft vocabulary ({self.draft.args.vocab_size}) differs from the target's "
+                                 f"({self.args.vocab_size}): the tiny draft must share the target's tokenizer")
+            self.draft.eval()
+
+    def _check_draft_tokenizer(self, draft_dir: Path) -> None:
+        dargs = ModelArgs.from_hf_config(json.loads((draft_dir / "config.json").read_text()))
+        if dargs.vocab_size != self.args.vocab_size:
+            raise ValueError(f"draft {draft_dir} has vocabulary {dargs.vocab_size}, target has {self.args.vocab_size}: "
+                             f"speculation needs one tokenizer; pick a draft trained with the target's")
+        if not isinstance(self.tokenizer, ByteTokenizer):
+            from transformers import AutoTokenizer
+
+            dtok = AutoTokenizer.from_pretrained(str(draft_dir))
+            if dtok.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(f"draft tokenizer in {draft_dir} differs from the target's: speculation needs one tokenizer")
+
+    def _check_memory(self, needed: int, what: str) -> None:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if needed > free:
+            raise RuntimeError(f"{what} need {needed / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB is free: "
+                               f"shorten the prompt or max_new_tokens, lower cache.budget, or use a bigger GPU")
+
+    # ------------------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool) -> list[int]:
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"chat=true but the tokenizer of {self.cfg.model.name} has no chat template")
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def tiers(self, capacity: int, prompt_len: int) -> list[Tier]:
+        """The pipeline as a list of tiers, target first; caches sized for `capacity` tokens."""
+        cfg = self.cfg
+        full = FullCache(self.model, capacity)
+        tiers = [Tier("target", self.model, full, gamma=cfg.gamma)]
+        if self.n_tiers >= 2:
+            c = dict(OmegaConf.to_container(cfg.cache))
+            policy = c.pop("policy")
+            budget, chunk, reselect = c.pop("budget"), c.pop("chunk_size"), c.pop("reselect", "once")
+            if budget >= prompt_len:
+                log.warning("cache.budget (%d) covers the whole prompt (%d tokens): the %s tier attends to "
+                            "everything, so it is a copy of the target (no speedup); lower cache.budget",
+                            budget, prompt_len, policy)
+            from triforce.policies import make_policy
+
+            mid = make_policy(policy, full, self.model, budget, chunk, reselect, **c)
+            tiers.append(Tier(policy, self.model, mid, gamma=cfg.draft.gamma))
+        if self.n_tiers == 3:
+            d = cfg.draft
+            stream = StreamingCache(self.draft, d.sinks, d.window, slack=cfg.gamma + d.gamma + 8,
+                                    max_forward=max(cfg.prefill_chunk, d.gamma + 1), position_shift=d.position_shift)
+            tiers.append(Tier("tiny", self.draft, stream))
+        return tiers
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None, stream: bool = False,
+                 chat: bool | None = None) -> GenerationResult:
+        """Generate after `prompt` (text, or token ids); unset arguments come from the config."""
+        cfg = self.cfg
+        max_new_tokens = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = cfg.temperature if temperature is None else temperature
+        top_p = cfg.top_p if top_p is None else top_p
+        seed = cfg.seed if seed is None else seed
+        check_sampling(temperature, top_p)
+        ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, cfg.chat if chat is None else chat)
+        if not ids:
+            raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(ids) + max_new_tokens > self.context_length:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"context of {self.context_length}: shorten the prompt or lower max_new_tokens")
+        if max(ids) >= self.args.vocab_size or min(ids) < 0:
+            raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
+        depth = cfg.gamma + cfg.draft.gamma + 2
+        capacity = len(ids) + max_new_tokens + depth
+        if self.device.type == "cuda":
+            kv = self.args.kv_bytes_per_token(self.dtype.itemsize) * capacity
+            self._check_memory(kv + cfg.prefill_chunk * self.args.vocab_size * 4, f"the KV cache of {capacity} tokens")
+        engine = SpeculativeEngine(self.tiers(capacity, len(ids)), temperature, top_p, cfg.prefill_chunk,
+                                   sync_timing=self.device.type == "cuda")
+        stop = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        printed = [0]
+        out: list[int] = []
+
+        def on_tokens(new: list[int]) -> None:
+            out.extend(new)
+            if stream:
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                sys.stdout.write(text[printed[0]:])
+                sys.stdout.flush()
+                printed[0] = len(text)
+
+        t0 = time.perf_counter()
+        tokens = engine.generate(torch.tensor(ids), max_new_tokens, stop, seed, on_tokens,
+                                 progress=not stream)
+        seconds = time.perf_counter() - t0
+        if stream:
+            sys.stdout.write("\n")
+        stats = self._stats(engine, len(ids), len(tokens), seconds)
+        return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats)
+
+    def _stats(self, engine: SpeculativeEngine, prompt_len: int, n: int, seconds: float) -> dict:
+        decode = seconds - engine.prefill_seconds
+        stats = {
+            "pipeline": self.cfg.pipeline, "model": self.cfg.model.name, "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."), "prompt_tokens": prompt_len, "generated_tokens": n,
+            "prefill_seconds": engine.prefill_seconds, "decode_seconds": decode,
+            "tokens_per_second": n / decode if decode > 0 else None, "tiers": engine.stats(n),
+        }
+        if self.device.type == "cuda":  # bytes each tier reads per forward: weights + the KV it attends to
+            moved = 0.0
+            for t in engine.tiers:
+                kv = t.cache.length if isinstance(t.cache, FullCache) else getattr(t.cache, "budget", 0) + 64
+                if isinstance(t.cache, StreamingCache):
+                    kv = t.cache.sinks + t.cache.window
+                moved += t.stats.forwards * (t.model.args.weight_bytes(self.dtype.itemsize)
+                                             + kv * t.model.args.kv_bytes_per_token(self.dtype.itemsize))
+            stats["bandwidth_gb_s"] = moved / decode / 1e9 if decode > 0 else None
+        return stats
+
+
+def summary_line(stats: dict) -> str:
+    """One line: throughput, per-tier ms/token, acceptance, mean accepted length (and GB/s on GPU)."""
+    parts = [f"{stats['generated_tokens']} tokens, {stats['tokens_per_second'] or 0:.2f} tok/s "
+             f"(prefill {stats['prefill_seconds']:.1f}s)"]
+    for name, t in stats["tiers"].items():
+        s = f"{name}: {t['ms_per_generated_token'] or 0:.1f} ms/tok"
+        if t["acceptance_rate"] is not None:
+            s += f", accept {t['acceptance_rate']:.2f}, mean len {t['mean_accepted_length']:.2f}"
+        parts.append(s)
+    if stats.get("bandwidth_gb_s"):
+        parts.append(f"~{stats['bandwidth_gb_s']:.0f} GB/s")
+    return " | ".join(parts)
+
+
+def load(*overrides: str) -> Generator:
+    """Python API: `triforce.load("+model=tiny-random", "pipeline=retrieval")` with Hydra overrides."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="triforce.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return Generator(cfg)
+
+
+def read_prompt(cfg: DictConfig) -> str:
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt_file {path} does not exist")
+        return path.read_text()
+    return cfg.prompt or ""
+
+
+@hydra.main(config_path="pkg://triforce.conf", config_name="config", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prompt = read_prompt(cfg)
+    if not prompt:
+        raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
+    gen = Generator(cfg)
+    result = gen.generate(prompt, stream=cfg.stream)
+    print(summary_line(result.stats), file=sys.stderr)
+    if cfg.output_json:
+        path = Path(cfg.output_json).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": result.stats,
+                                    "config": OmegaConf.to_container(gen.cfg)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

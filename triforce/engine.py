@@ -50,11 +50,17 @@ class Tier:
     cache: KVCache
     gamma: int = 0  # draft tokens asked from the tier below per round (unused on the last tier)
     stats: TierStats = field(default_factory=TierStats)
+    graphed: object = None  # a triforce.graphs.GraphedModel replaying this tier's steps, or None
+
+    def forward(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
+        if self.graphed is not None and self.graphed.usable(tokens.shape[1], last):
+            return self.graphed(tokens, last)
+        return self.model(tokens, self.cache, last=last)
 
 
 class SpeculativeEngine:
     def __init__(self, tiers: list[Tier], temperature: float, top_p: float, prefill_chunk: int = 512,
-                 sync_timing: bool = False):
+                 sync_timing: bool = False, injected_acceptance: dict[int, float] | None = None):
         if not tiers:
             raise ValueError("the engine needs at least the target tier")
         for t in tiers[:-1]:
@@ -64,6 +70,10 @@ class SpeculativeEngine:
         self.prefill_chunk = prefill_chunk
         self.sync_timing = sync_timing  # synchronise the GPU around each forward for exact per-tier times
         self.device = tiers[0].model.device
+        # BENCHMARK ONLY: {level: rate} replaces that tier's accept/reject decisions by independent
+        # coin flips with the given per-token acceptance (random weights accept nothing). The
+        # forwards still run; the output is then not the target's distribution.
+        self.injected_acceptance = injected_acceptance or {}
 
     # -------------------------------------------------------------------------------- one forward
     def _distributions(self, level: int, n_rows: int) -> torch.Tensor:
@@ -84,7 +94,7 @@ class SpeculativeEngine:
         while start < self.seq_len:
             end = min(self.seq_len, start + self.prefill_chunk)
             keep = max(0, n_rows - (self.seq_len - end))
-            out = tier.model(self.seq[None, start:end], cache, last=keep)
+            out = tier.forward(self.seq[None, start:end], keep)
             if keep:
                 logits = out[0] if logits is None else torch.cat((logits, out[0]))
             start = end
@@ -125,6 +135,9 @@ class SpeculativeEngine:
                 draft, q = self._propose(level + 1, g)
                 p = self._distributions(level, g + 1)
                 n_acc, nxt = speculative_verify(draft, q, p, self.generator)
+                if level in self.injected_acceptance:
+                    n_acc = self._injected(level, g)
+                    nxt = sample(p[n_acc][None], self.generator)[0]
                 tier.stats.proposed += g
                 tier.stats.accepted += n_acc
                 tier.stats.rounds += 1
@@ -145,6 +158,10 @@ class SpeculativeEngine:
             self.seq_len = start0 + n
             self._invalidate(level, start0 + n)
         return toks, dists
+
+    def _injected(self, level: int, g: int) -> int:
+        ok = torch.rand(g, generator=self.generator, device=self.device) < self.injected_acceptance[level]
+        return int(ok.cumprod(0).sum())
 
     # -------------------------------------------------------------------------------- public
     @torch.inference_mode()

@@ -115,12 +115,15 @@ class Generator:
             self._check_draft_tokenizer(draft_dir)
         if self.device.type == "cuda":
             self._check_memory(self.args.weight_bytes(self.dtype.itemsize), "the target's weights")
+        elif cfg.cuda_graphs is True:
+            raise RuntimeError("cuda_graphs=true needs a CUDA GPU; use cuda_graphs=auto (or false) on this machine")
 
         if target_dir is None:
             self.model = build_model(self.args, None, self.device, self.dtype, self.context_length, seed=cfg.seed)
         else:
             self.model, _ = load_hf_dir(target_dir, self.device, self.dtype, self.context_length)
         self.model.eval()
+        self._tiers = None
         self.draft = None
         if self.n_tiers == 3:
             if draft_dir is not None:
@@ -165,18 +168,25 @@ class Generator:
         return self.tokenizer.encode(prompt)
 
     def tiers(self, capacity: int, prompt_len: int) -> list[Tier]:
-        """The pipeline as a list of tiers, target first; caches sized for `capacity` tokens."""
+        """The pipeline as a list of tiers, target first; caches sized for `capacity` tokens.
+
+        Tiers (and their CUDA graphs) are reused by later calls that fit in the same capacity.
+        """
         cfg = self.cfg
+        budget = cfg.cache.budget
+        if self.n_tiers >= 2 and budget >= prompt_len:
+            log.warning("cache.budget (%d) covers the whole prompt (%d tokens): the %s tier attends to "
+                        "everything, so it is a copy of the target (no speedup); lower cache.budget",
+                        budget, prompt_len, cfg.cache.policy)
+        if self._tiers is not None and self._tiers[0].cache.max_length >= capacity:
+            return self._tiers
+        self._tiers = None
         full = FullCache(self.model, capacity)
         tiers = [Tier("target", self.model, full, gamma=cfg.gamma)]
         if self.n_tiers >= 2:
             c = dict(OmegaConf.to_container(cfg.cache))
             policy = c.pop("policy")
             budget, chunk, reselect = c.pop("budget"), c.pop("chunk_size"), c.pop("reselect", "once")
-            if budget >= prompt_len:
-                log.warning("cache.budget (%d) covers the whole prompt (%d tokens): the %s tier attends to "
-                            "everything, so it is a copy of the target (no speedup); lower cache.budget",
-                            budget, prompt_len, policy)
             from triforce.policies import make_policy
 
             mid = make_policy(policy, full, self.model, budget, chunk, reselect, **c)
@@ -186,6 +196,13 @@ class Generator:
             stream = StreamingCache(self.draft, d.sinks, d.window, slack=cfg.gamma + d.gamma + 8,
                                     max_forward=max(cfg.prefill_chunk, d.gamma + 1), position_shift=d.position_shift)
             tiers.append(Tier("tiny", self.draft, stream))
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            from triforce.graphs import GraphedModel
+
+            for level, t in enumerate(tiers):
+                sizes = {1, 2} if level == len(tiers) - 1 else {t.gamma + 1}
+                t.graphed = GraphedModel(t.model, t.cache, sizes)
+        self._tiers = tiers
         return tiers
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
@@ -210,7 +227,8 @@ class Generator:
             raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
         depth = cfg.gamma + cfg.draft.gamma + 2
         capacity = len(ids) + max_new_tokens + depth
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity):
+            self._tiers = None
             kv = self.args.kv_bytes_per_token(self.dtype.itemsize) * capacity
             self._check_memory(kv + cfg.prefill_chunk * self.args.vocab_size * 4, f"the KV cache of {capacity} tokens")
         engine = SpeculativeEngine(self.tiers(capacity, len(ids)), temperature, top_p, cfg.prefill_chunk,

@@ -1,0 +1,208 @@
+"""Triton kernels vs their PyTorch references (kernels/). CPU: the Triton interpreter, small fp32 shapes.
+
+Tolerances: fp32 atol/rtol 2e-5 (interpreter) / 1e-4 (GPU, exp2 and reduction order); bf16/fp16 on
+the GPU are compared with the fp32 reference of the same (rounded) inputs at 2e-2 / 1e-2.
+"""
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
+
+from triforce.kernels import _common  # noqa: E402
+from triforce.kernels.chunk_topk import (chunk_scores, chunk_scores_reference, chunk_summaries,  # noqa: E402
+                                         chunk_summaries_reference, select_chunks, select_chunks_reference)
+from triforce.kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
+                                               decode_attention_triton)
+from triforce.kernels.sparse_attention import (bottom_right_sdpa, chunk_positions, sparse_attention,  # noqa: E402
+                                               sparse_attention_reference, sparse_attention_triton)
+
+DEV = "cuda" if CUDA else "cpu"
+needs_triton = pytest.mark.skipif(
+    not _common.HAS_TRITON or not (CUDA or _common.INTERPRET),
+    reason="triton is not importable" if not _common.HAS_TRITON
+    else "no CUDA and the kernels were imported without TRITON_INTERPRET=1")
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA (bigger shapes, bf16/fp16)")
+TOL = dict(atol=1e-4, rtol=1e-4) if CUDA else dict(atol=2e-5, rtol=2e-5)
+LOW = {torch.bfloat16: dict(atol=2e-2, rtol=2e-2), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def rand(*shape, dtype=torch.float32, gen=None):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(DEV, dtype)
+
+
+def sparse_case(h, kvh, d, t, s_max, n_sel, chunk, tail_start, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = rand(h, t, d, dtype=dtype, gen=gen), rand(kvh, s_max, d, dtype=dtype, gen=gen), rand(kvh, s_max, d, dtype=dtype, gen=gen)
+    n_chunks = tail_start // chunk
+    rest = torch.stack([torch.randperm(n_chunks - 1, generator=gen)[:n_sel - 1] + 1 for _ in range(kvh)])
+    idx = torch.cat((torch.zeros(kvh, 1, dtype=torch.long), rest), 1).sort(1).values.to(DEV)
+    return q, k, v, idx
+
+
+# ---------------------------------------------------------------- references vs the core's semantics
+
+def test_bottom_right_sdpa_matches_core_attention():
+    from triforce.cache import attention
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = rand(6, 4, 32, gen=gen), rand(2, 20, 32, gen=gen), rand(2, 20, 32, gen=gen)
+    torch.testing.assert_close(bottom_right_sdpa(q, k, v), attention(q[None], k, v)[0])
+    torch.testing.assert_close(decode_attention_reference(q, k, v), attention(q[None], k, v)[0], **TOL)
+
+
+def test_sparse_reference_is_attention_over_gathered_keys():
+    q, k, v, idx = sparse_case(4, 2, 32, 3, 120, n_sel=3, chunk=8, tail_start=80)
+    pos = torch.cat((chunk_positions(idx, 8), torch.arange(80, 100, device=DEV).expand(2, -1)), 1)
+    want = bottom_right_sdpa(q, torch.stack([k[h, pos[h]] for h in range(2)]), torch.stack([v[h, pos[h]] for h in range(2)]))
+    torch.testing.assert_close(sparse_attention_reference(q, k, v, idx, 8, 80, 100), want)
+
+
+def test_dispatchers_agree_with_references():
+    q, k, v, idx = sparse_case(4, 2, 32, 2, 96, n_sel=2, chunk=8, tail_start=64)
+    torch.testing.assert_close(sparse_attention(q, k, v, idx, 8, 64, 70), sparse_attention_reference(q, k, v, idx, 8, 64, 70), **TOL)
+    torch.testing.assert_close(decode_attention(q, k[:, :70], v[:, :70]), decode_attention_reference(q, k[:, :70], v[:, :70]), **TOL)
+    s = chunk_summaries(k[:, :64], 8)
+    assert torch.equal(select_chunks(q[:, -1], s, 3), select_chunks_reference(q[:, -1], s, 3))
+
+
+# ---------------------------------------------------------------- (a) chunk summaries, scores, top-k
+
+@needs_triton
+@pytest.mark.parametrize("kvh,d,chunk,n_chunks", [(1, 32, 8, 1), (2, 64, 8, 45), (2, 128, 16, 33), (3, 32, 4, 70)])
+def test_chunk_summaries(kvh, d, chunk, n_chunks):
+    keys = rand(kvh, n_chunks * chunk + 5, d)[:, :n_chunks * chunk]  # a strided view, like full.k[layer, :, a:b]
+    store = torch.zeros(kvh, n_chunks + 3, d, device=DEV)
+    chunk_summaries(keys, chunk, out=store[:, 2:2 + n_chunks])  # writes into a view of the summary store
+    torch.testing.assert_close(store[:, 2:2 + n_chunks], chunk_summaries_reference(keys, chunk), **TOL)
+    assert not store[:, :2].any() and not store[:, 2 + n_chunks:].any()
+
+
+@needs_triton
+@pytest.mark.parametrize("g,kvh,d,n_chunks", [(1, 2, 32, 1), (3, 2, 64, 100), (4, 2, 128, 65), (4, 1, 32, 7)])
+def test_chunk_scores_and_selection(g, kvh, d, n_chunks):
+    gen = torch.Generator().manual_seed(n_chunks)
+    q, summ = rand(kvh * g, d, gen=gen), rand(kvh, n_chunks, d, gen=gen)
+    torch.testing.assert_close(chunk_scores(q, summ), chunk_scores_reference(q, summ), **TOL)
+    sunk = chunk_scores(q, summ, sink=True)
+    assert torch.isinf(sunk[:, 0]).all()
+    for n_sel in sorted({1, min(3, n_chunks), n_chunks}):
+        got = select_chunks(q, summ, n_sel)
+        assert got.shape == (kvh, n_sel) and (got[:, 0] == 0).all()
+        assert torch.equal(got, select_chunks_reference(q, summ, n_sel))
+
+
+def test_select_chunks_rejects_bad_counts():
+    with pytest.raises(ValueError):
+        select_chunks(rand(4, 32), rand(2, 5, 32), 6)
+
+
+# ---------------------------------------------------------------- (b) sparse attention in place
+
+SPARSE_CASES = [  # h, kvh, d, t, s_max, n_sel, chunk, tail_start, tail_len, num_splits
+    (2, 2, 32, 1, 200, 1, 8, 96, 1, None),     # T=1, n_sel=1, tail = the new token only
+    (4, 1, 32, 5, 200, 4, 8, 128, 5, 2),       # tail of length T only, G=4, two splits
+    (6, 2, 64, 3, 300, 6, 8, 160, 37, 3),      # G=3, tail not a multiple of the block
+    (4, 4, 128, 16, 260, 5, 16, 192, 20, 1),   # T=16, head_dim 128, one split (direct write)
+    (4, 2, 32, 8, 400, 20, 8, 320, 13, 50),    # more splits asked than blocks (clamped)
+]
+
+
+@needs_triton
+def test_sparse_attention_masked_splits():
+    """Small blocks, many splits: the last splits hold only new tokens that early queries must not see."""
+    q, k, v, idx = sparse_case(4, 2, 32, 16, 200, 3, 8, 96, seed=5)
+    got = sparse_attention_triton(q, k, v, idx, 8, 96, 116, num_splits=3, block_n=16)
+    torch.testing.assert_close(got, sparse_attention_reference(q, k, v, idx, 8, 96, 116), **TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("h,kvh,d,t,s_max,n_sel,chunk,tail_start,tail_len,splits", SPARSE_CASES)
+def test_sparse_attention(h, kvh, d, t, s_max, n_sel, chunk, tail_start, tail_len, splits):
+    q, k, v, idx = sparse_case(h, kvh, d, t, s_max, n_sel, chunk, tail_start)
+    e = tail_start + tail_len
+    got = sparse_attention_triton(q, k, v, idx, chunk, tail_start, e, num_splits=splits)
+    torch.testing.assert_close(got, sparse_attention_reference(q, k, v, idx, chunk, tail_start, e), **TOL)
+
+
+@needs_triton
+def test_sparse_attention_strided_inputs():
+    """q as the model hands it (a transposed view), k/v one layer of a [L, KVH, S, D] store, out into [T, H, D]."""
+    gen = torch.Generator().manual_seed(3)
+    h, kvh, d, t = 4, 2, 32, 3
+    q = rand(t, h, d, gen=gen).transpose(0, 1)
+    store_k, store_v = rand(2, kvh, 150, d, gen=gen), rand(2, kvh, 150, d, gen=gen)
+    idx = torch.tensor([[0, 3, 7], [0, 1, 9]], device=DEV)
+    out = torch.empty(t, h, d, device=DEV)
+    sparse_attention_triton(q, store_k[1], store_v[1], idx, 8, 88, 101, num_splits=2, out=out.transpose(0, 1))
+    torch.testing.assert_close(out.transpose(0, 1), sparse_attention_reference(q, store_k[1], store_v[1], idx, 8, 88, 101), **TOL)
+
+
+def test_sparse_attention_rejects_bad_tail():
+    q, k, v, idx = sparse_case(2, 2, 32, 1, 64, 1, 8, 32)
+    with pytest.raises(ValueError):
+        sparse_attention_triton(q, k, v, idx, 8, 40, 65)
+
+
+# ---------------------------------------------------------------- (c) decode attention over contiguous KV
+
+DECODE_CASES = [  # h, kvh, d, t, s, num_splits
+    (2, 2, 32, 1, 1, None),      # a single key
+    (3, 1, 32, 1, 150, 3),       # G=3, T=1, S not a multiple of the block
+    (8, 2, 64, 4, 64, None),     # G=4, S == one block
+    (4, 4, 128, 16, 16, 1),      # S == T: pure causal square
+    (4, 2, 32, 32, 200, 2),      # T=32 with G=2 -> 64 query rows
+    (8, 2, 32, 32, 100, 2),      # G=4 x T=32 = 128 rows -> two row blocks
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("h,kvh,d,t,s,splits", DECODE_CASES)
+def test_decode_attention(h, kvh, d, t, s, splits):
+    gen = torch.Generator().manual_seed(s)
+    q, k, v = rand(h, t, d, gen=gen), rand(kvh, s + 7, d, gen=gen), rand(kvh, s + 7, d, gen=gen)
+    k, v = k[:, :s], v[:, :s]  # a prefix view of a longer store
+    got = decode_attention_triton(q, k, v, num_splits=splits)
+    torch.testing.assert_close(got, decode_attention_reference(q, k, v), **TOL)
+
+
+def test_kernels_reject_odd_head_dim():
+    if not _common.HAS_TRITON:
+        pytest.skip("triton is not importable")
+    with pytest.raises(ValueError):
+        decode_attention_triton(rand(2, 1, 48), rand(2, 8, 48), rand(2, 8, 48))
+
+
+# ---------------------------------------------------------------- GPU: bigger shapes, bf16/fp16
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("h,kvh,d,t", [(32, 32, 128, 1), (32, 8, 128, 5), (28, 4, 128, 16), (16, 16, 64, 8)])
+def test_gpu_sparse_and_decode(dtype, h, kvh, d, t):
+    chunk, s_max, tail_start = 8, 20_000, 16_384
+    q, k, v, idx = sparse_case(h, kvh, d, t, s_max, 512, chunk, tail_start, dtype=dtype)
+    e = tail_start + 300
+    tol = LOW.get(dtype, TOL)
+    qf, kf, vf = q.float(), k.float(), v.float()  # fp32 reference of the same rounded inputs
+    torch.testing.assert_close(sparse_attention(q, k, v, idx, chunk, tail_start, e).float(),
+                               sparse_attention_reference(qf, kf, vf, idx, chunk, tail_start, e), **tol)
+    torch.testing.assert_close(decode_attention(q, k[:, :e], v[:, :e]).float(),
+                               decode_attention_reference(qf, kf[:, :e], vf[:, :e]), **tol)
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_chunk_selection(dtype):
+    gen = torch.Generator().manual_seed(0)
+    q, keys = rand(32, 128, dtype=dtype, gen=gen), rand(8, 64_000, 128, dtype=dtype, gen=gen)
+    summ = chunk_summaries(keys, 8)
+    torch.testing.assert_close(summ.float(), chunk_summaries_reference(keys, 8).float(), **LOW.get(dtype, TOL))
+    summ = chunk_summaries_reference(keys, 8)
+    torch.testing.assert_close(chunk_scores(q, summ), chunk_scores_reference(q, summ), atol=1e-3, rtol=1e-4)
+    got, want = select_chunks(q, summ, 512), select_chunks_reference(q, summ, 512)
+    overlap = torch.stack([torch.isin(got[h], want[h]) for h in range(8)]).float().mean()
+    assert overlap > 0.99 and (got[:, 0] == 0).all()  # fp32 sum order may swap near-ties at the cut

@@ -435,6 +435,13 @@ def read_gguf(path: str | Path) -> tuple[ModelArgs, dict]:
     return args, sd
 
 
+def gguf_eos_token_id(path: str | Path) -> int | None:
+    from gguf import GGUFReader
+
+    f = GGUFReader(str(path)).fields.get("tokenizer.ggml.eos_token_id")
+    return None if f is None else int(f.contents())
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("TRIFORCE_CACHE", Path.home() / ".cache" / "triforce"))
 
@@ -457,8 +464,13 @@ def gguf_to_hf_dir(path: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     args, sd = read_gguf(path)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(args.to_hf_config(), indent=1))
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = args.to_hf_config()
+    eos = gguf_eos_token_id(path)
+    if eos is not None:  # transformers versions disagree on the GGUF tokenizer's eos: the file decides
+        config["eos_token_id"] = eos
+        tok.eos_token = tok.convert_ids_to_tokens(eos)
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     tok.save_pretrained(str(out))
     (out / "DONE").write_text(str(path))
     return out

@@ -225,7 +225,7 @@ def part2(args, out: dict) -> None:
 
     text = (ROOT / "data/corpus/botchan.txt").read_text()
     rows = []
-    gens = {p: triforce.load(f"pipeline={p}", f"model.path={args.smollm2}", "chat=false", "cache.budget=512",
+    gens = {p: triforce.load("+model=smollm2-135m", f"model.path={args.smollm2}", f"pipeline={p}", "chat=false", "cache.budget=512",
                              "max_new_tokens=128", "stream=false")
             for p in ("autoregressive", "retrieval", "triforce")}
     hf_dir = resolve_checkpoint(args.smollm2)

@@ -105,10 +105,16 @@ class Generator:
             if not m.path:
                 raise ValueError(f"model {m.name}: set model.path (local HF directory or .gguf file)")
             target_dir = resolve_checkpoint(embedded_gguf() if m.path == "embedded" else m.path)
-            self.args = ModelArgs.from_hf_config(json.loads((target_dir / "config.json").read_text()))
+            hf_config = json.loads((target_dir / "config.json").read_text())
+            self.args = ModelArgs.from_hf_config(hf_config)
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+        eos = [] if target_dir is None else hf_config.get("eos_token_id") or []
+        eos = set(eos if isinstance(eos, list) else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.stop_ids = eos  # generation stops after any of these
         draft_dir = None
         if self.n_tiers == 3 and m.draft_path not in (None, "self"):
             draft_dir = resolve_checkpoint(m.draft_path)
@@ -233,7 +239,7 @@ class Generator:
             self._check_memory(kv + cfg.prefill_chunk * self.args.vocab_size * 4, f"the KV cache of {capacity} tokens")
         engine = SpeculativeEngine(self.tiers(capacity, len(ids)), temperature, top_p, cfg.prefill_chunk,
                                    sync_timing=self.device.type == "cuda")
-        stop = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        stop = self.stop_ids
         printed = [0]
         out: list[int] = []
 

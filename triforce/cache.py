@@ -117,7 +117,8 @@ class FullCache(KVCache):
     def __init__(self, model: Transformer, max_length: int):
         super().__init__(model)
         self.max_length = max_length
-        shape = (self.n_layers, self.n_kv_heads, max_length, self.head_dim)
+        # one scratch slot past the end: graph-mode draft writes that must not land go there
+        shape = (self.n_layers, self.n_kv_heads, max_length + 1, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
@@ -134,13 +135,15 @@ class FullCache(KVCache):
         if not self.graph_mode:
             self._check(n_new)
         super().begin(n_new)
+        if self.graph_mode:
+            self.end_t = self.pos_t[-1:] + 1
 
     def attend(self, layer, q, k, v):
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
         if self.graph_mode:
             self.k[layer].index_copy_(1, self.pos_t, k[0])
             self.v[layer].index_copy_(1, self.pos_t, v[0])
-            return device_attention(q, self.k[layer], self.v[layer], self.pos_t[-1:] + 1, self.max_length, self.zero_t)
+            return device_attention(q, self.k[layer], self.v[layer], self.end_t, self.max_length, self.zero_t)
         s, e = self.length, self.length + q.shape[2]
         self.k[layer, :, s:e] = k[0]
         self.v[layer, :, s:e] = v[0]
@@ -321,7 +324,10 @@ class SelectionCache(KVCache):
 
     def begin(self, n_new: int) -> None:
         super().begin(n_new)
-        if self.graph_mode:
+        if self.graph_mode:  # per-forward device scalars, shared by all layers
+            self.end_t = self.pos_t[-1:] + 1
+            self.n_keys_t = self.end_t if self.full_view else self.budget + self.end_t - self.boundary_t
+            self.write_t = torch.where(self.pos_t < self.full_len_t, self.full.max_length, self.pos_t)
             return
         self.selecting = self.select_next
         if self.selecting:
@@ -344,15 +350,15 @@ class SelectionCache(KVCache):
         return self.sel_k[layer], self.sel_v[layer]
 
     def _attend_device(self, layer, q, k, v):
-        """Graph mode: protected in-place write, then split-K attention reading the store in place."""
-        keep = (self.pos_t < self.full_len_t)[None, :, None]
-        for store, new in ((self.full.k[layer], k[0]), (self.full.v[layer], v[0])):
-            store.index_copy_(1, self.pos_t, torch.where(keep, store.index_select(1, self.pos_t), new))
-        end = self.pos_t[-1:] + 1
+        """Graph mode: in-place write (verified positions diverted to the store's scratch slot),
+        then split-K attention reading the store in place."""
+        self.full.k[layer].index_copy_(1, self.write_t, k[0])
+        self.full.v[layer].index_copy_(1, self.write_t, v[0])
         if self.full_view:
-            return device_attention(q, self.full.k[layer], self.full.v[layer], end, self.full.max_length, self.zero_t)
-        return device_attention(q, self.full.k[layer], self.full.v[layer], self.budget + end - self.boundary_t,
-                                self.max_keys, self.boundary_t, self.sel_idx[layer])
+            return device_attention(q, self.full.k[layer], self.full.v[layer], self.n_keys_t, self.full.max_length,
+                                    self.zero_t)
+        return device_attention(q, self.full.k[layer], self.full.v[layer], self.n_keys_t, self.max_keys,
+                                self.boundary_t, self.sel_idx[layer])
 
     def graph_key(self) -> tuple:
         """What a captured graph baked in: the view kind and the planned key bound."""

@@ -381,7 +381,8 @@ class SelectionCache(KVCache):
             return attention(q, self.full.k[layer, :, :e], self.full.v[layer, :, :e])
         if self.selecting:
             pos = self.choose(layer, q)
-            self.sel_idx[layer, :, :pos.shape[1]] = pos
+            if self.graph_ready:  # what the graph path reads in place
+                self.sel_idx[layer] = pos
             idx = pos[..., None].expand(-1, -1, self.head_dim)
             torch.gather(self.full.k[layer], 1, idx, out=self.sel_k[layer, :, :pos.shape[1]])
             torch.gather(self.full.v[layer], 1, idx, out=self.sel_v[layer, :, :pos.shape[1]])

@@ -177,8 +177,8 @@ def fused(fn):
         nonlocal compiled
         if not args[0].is_cuda or os.environ.get("TRIFORCE_COMPILE", "1") == "0":
             return fn(*args)
-        if compiled is None:
-            compiled = torch.compile(fn, fullgraph=True)
+        if compiled is None:  # symbolic shapes: one compile serves every step size
+            compiled = torch.compile(fn, dynamic=True)
         return compiled(*args)
 
     run.__doc__, run.__name__ = fn.__doc__, fn.__name__

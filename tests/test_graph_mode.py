@@ -2,10 +2,12 @@
 the eager path computes. On CPU it runs uncaptured, with the Triton kernel interpreted."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import pytest
-import torch
 
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier

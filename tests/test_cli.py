@@ -72,3 +72,10 @@ def test_draft_vocab_mismatch(tmp_path):
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="vocabulary"):
         triforce.load(*TINY, f"model.draft_path={tmp_path}")
+
+
+def test_offload_true_matches_resident():
+    """offload=true runs the staging path (host tensors stand in for devices on CPU); same ids."""
+    a = triforce.load(*TINY, "temperature=0", "offload=true").generate("offloaded prompt " * 4).token_ids
+    b = triforce.load(*TINY, "temperature=0", "offload=false").generate("offloaded prompt " * 4).token_ids
+    assert a == b

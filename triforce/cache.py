@@ -113,6 +113,7 @@ class FullCache(KVCache):
     """Static, preallocated KV of every token: the target's cache (and the store retrieval reads)."""
 
     graph_ready = True
+    device_resident = True  # the store is on the compute device (triforce.offload: host memory)
 
     def __init__(self, model: Transformer, max_length: int):
         super().__init__(model)
@@ -148,6 +149,28 @@ class FullCache(KVCache):
         self.k[layer, :, s:e] = k[0]
         self.v[layer, :, s:e] = v[0]
         return attention(q, self.k[layer, :, :e], self.v[layer, :, :e])
+
+    # the store API draft caches read through (OffloadedFullCache serves it from host memory + a tail mirror)
+    def read(self, layer: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated K/V of positions [a, b) on the compute device, [KVH, b - a, D]."""
+        return self.k[layer, :, a:b], self.v[layer, :, a:b]
+
+    def read_k(self, layer: int, a: int, b: int) -> torch.Tensor:
+        return self.k[layer, :, a:b]
+
+    def write(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a draft's rotated k/v [KVH, T, D] at positions pos.. (past the verified length)."""
+        self.k[layer, :, pos:pos + k.shape[1]] = k
+        self.v[layer, :, pos:pos + k.shape[1]] = v
+
+    def gather(self, layer: int, idx: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """out_k/out_v [KVH, n, D] <- positions idx [KVH, n] of `layer` (selection time)."""
+        i = idx[..., None].expand(-1, -1, self.head_dim)
+        torch.gather(self.k[layer], 1, i, out=out_k)
+        torch.gather(self.v[layer], 1, i, out=out_v)
+
+    def keep_tail(self, start: int) -> None:
+        """A reader will touch positions >= start every step (an offloaded store mirrors them on the device)."""
 
 
 class StreamingCache(KVCache):
@@ -294,6 +317,8 @@ class SelectionCache(KVCache):
         self.sel_k = torch.zeros(self.n_layers, self.n_kv_heads, self.budget, self.head_dim,
                                  dtype=self.dtype, device=self.device)
         self.sel_v = torch.zeros_like(self.sel_k)
+        if not full.device_resident:  # graph steps read the store in place
+            self.graph_ready = False
         self.reset()
 
     def reset(self) -> None:
@@ -333,6 +358,7 @@ class SelectionCache(KVCache):
         if self.selecting:
             self.boundary = (min(self.length, self.full.length) // self.chunk) * self.chunk
             self.full_view = self.budget >= self.boundary
+            self.full.keep_tail(0 if self.full_view else self.boundary)
 
     def advance(self, n_new: int) -> None:
         if self.graph_mode:
@@ -375,23 +401,19 @@ class SelectionCache(KVCache):
         s, e = self.length, self.length + q.shape[2]
         w = max(s, self.full.length)  # never overwrite KV the target has verified
         if w < e:
-            self.full.k[layer, :, w:e] = k[0, :, w - s:]
-            self.full.v[layer, :, w:e] = v[0, :, w - s:]
+            self.full.write(layer, w, k[0, :, w - s:], v[0, :, w - s:])
         if self.full_view:
-            return attention(q, self.full.k[layer, :, :e], self.full.v[layer, :, :e])
+            return attention(q, *self.full.read(layer, 0, e))
         if self.selecting:
             pos = self.choose(layer, q)
             if self.graph_ready:  # what the graph path reads in place
                 self.sel_idx[layer] = pos
-            idx = pos[..., None].expand(-1, -1, self.head_dim)
-            torch.gather(self.full.k[layer], 1, idx, out=self.sel_k[layer, :, :pos.shape[1]])
-            torch.gather(self.full.v[layer], 1, idx, out=self.sel_v[layer, :, :pos.shape[1]])
+            n = pos.shape[1]
+            self.full.gather(layer, pos, self.sel_k[layer, :, :n], self.sel_v[layer, :, :n])
             self.post_gather(layer)
         sel_k, sel_v = self.selected_kv(layer)
-        b = self.boundary
-        keys = torch.cat((sel_k, self.full.k[layer, :, b:e]), dim=1)
-        vals = torch.cat((sel_v, self.full.v[layer, :, b:e]), dim=1)
-        return attention(q, keys, vals)
+        tail_k, tail_v = self.full.read(layer, self.boundary, e)
+        return attention(q, torch.cat((sel_k, tail_k), dim=1), torch.cat((sel_v, tail_v), dim=1))
 
 
 class RetrievalCache(SelectionCache):
@@ -416,11 +438,11 @@ class RetrievalCache(SelectionCache):
     def chunk_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Scores [KVH, n_chunks] of the chunks below the boundary against the last query."""
         n_chunks, c = self.boundary // self.chunk, self.chunk
-        done = self.n_summarized[layer]
-        if done < n_chunks:
-            keys = self.full.k[layer, :, done * c:n_chunks * c]
-            self.summaries[layer, :, done:n_chunks] = keys.unflatten(1, (n_chunks - done, c)).float().mean(2).to(self.dtype)
-            self.n_summarized[layer] = n_chunks
+        for lo in range(self.n_summarized[layer], n_chunks, 1024):  # 1024 chunks per read: bounded workspace
+            hi = min(n_chunks, lo + 1024)
+            keys = self.full.read_k(layer, lo * c, hi * c)
+            self.summaries[layer, :, lo:hi] = keys.unflatten(1, (hi - lo, c)).float().mean(2).to(self.dtype)
+        self.n_summarized[layer] = max(self.n_summarized[layer], n_chunks)
         group = q.shape[1] // self.n_kv_heads
         query = q[0, :, -1].float().view(self.n_kv_heads, group, -1).sum(1)  # [KVH, D]
         return torch.einsum("hd,hcd->hc", query, self.summaries[layer, :, :n_chunks].float())

@@ -90,6 +90,8 @@ class Generator:
             raise ValueError(f"gamma and draft.gamma must be >= 1 (got {cfg.gamma}, {cfg.draft.gamma})")
         if cfg.cache.budget < cfg.cache.chunk_size or cfg.cache.chunk_size < 1:
             raise ValueError(f"cache.budget ({cfg.cache.budget}) must be >= cache.chunk_size ({cfg.cache.chunk_size}) >= 1")
+        if str(cfg.get("offload", "auto")).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"offload must be auto, true or false, got {cfg.offload!r}")
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         m = cfg.model
@@ -129,7 +131,7 @@ class Generator:
         else:
             self.model, _ = load_hf_dir(target_dir, self.device, self.dtype, self.context_length)
         self.model.eval()
-        self._tiers = None
+        self._tiers, self.plan = None, None
         self.draft = None
         if self.n_tiers == 3:
             if draft_dir is not None:
@@ -157,6 +159,21 @@ class Generator:
             if dtok.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(f"draft tokenizer in {draft_dir} differs from the target's: speculation needs one tokenizer")
 
+    def plan_memory(self, capacity: int, new_tokens: int):
+        """What fits on this GPU (or `gpu_memory_gb`): resident vs offloaded target KV, retrieval budget."""
+        from triforce.planner import gpu_available_bytes, host_available_bytes, plan_memory
+
+        cfg, d = self.cfg, self.cfg.draft
+        gpu, host = cfg.get("gpu_memory_gb"), cfg.get("host_memory_gb")
+        return plan_memory(
+            self.args, capacity, cfg.cache.budget if self.n_tiers >= 2 else 0, cfg.gamma,
+            self.draft.args if self.draft is not None else None, self.dtype.itemsize,
+            int(gpu * 2**30) if gpu else gpu_available_bytes(self.device),
+            int(host * 2**30) if host else host_available_bytes(), str(cfg.get("offload", "auto")).lower(),
+            chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
+            draft_cache_tokens=d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1),
+            draft_owns_weights=self.draft is not None and self.draft.embed_tokens is not self.model.embed_tokens)
+
     def _check_memory(self, needed: int, what: str) -> None:
         free, _ = torch.cuda.mem_get_info(self.device)
         if needed > free:
@@ -173,7 +190,7 @@ class Generator:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(prompt)
 
-    def tiers(self, capacity: int, prompt_len: int) -> list[Tier]:
+    def tiers(self, capacity: int, prompt_len: int, plan=None) -> list[Tier]:
         """The pipeline as a list of tiers, target first; caches sized for `capacity` tokens.
 
         Tiers (and their CUDA graphs) are reused by later calls that fit in the same capacity.
@@ -187,12 +204,20 @@ class Generator:
         if self._tiers is not None and self._tiers[0].cache.max_length >= capacity:
             return self._tiers
         self._tiers = None
-        full = FullCache(self.model, capacity)
+        offload = plan.offload if plan is not None else str(cfg.get("offload", "auto")).lower() == "true"
+        if offload:  # on CPU this exercises the same staging code with host tensors
+            from triforce.offload import OffloadedFullCache
+
+            full = (OffloadedFullCache(self.model, capacity, plan.resident_layers, plan.transfer_chunk)
+                    if plan is not None else OffloadedFullCache(self.model, capacity))
+        else:
+            full = FullCache(self.model, capacity)
         tiers = [Tier("target", self.model, full, gamma=cfg.gamma)]
         if self.n_tiers >= 2:
             c = dict(OmegaConf.to_container(cfg.cache))
             policy = c.pop("policy")
             budget, chunk, reselect = c.pop("budget"), c.pop("chunk_size"), c.pop("reselect", "once")
+            budget = plan.budget if plan is not None and plan.budget else budget
             from triforce.policies import make_policy
 
             mid = make_policy(policy, full, self.model, budget, chunk, reselect, **c)
@@ -233,11 +258,12 @@ class Generator:
             raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
         depth = cfg.gamma + cfg.draft.gamma + 2
         capacity = len(ids) + max_new_tokens + depth
+        plan = None
         if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity):
-            self._tiers = None
-            kv = self.args.kv_bytes_per_token(self.dtype.itemsize) * capacity
-            self._check_memory(kv + cfg.prefill_chunk * self.args.vocab_size * 4, f"the KV cache of {capacity} tokens")
-        engine = SpeculativeEngine(self.tiers(capacity, len(ids)), temperature, top_p, cfg.prefill_chunk,
+            self._tiers = None  # free the old caches before planning new ones
+            plan = self.plan = self.plan_memory(capacity, max_new_tokens)
+            log.info(plan.describe())
+        engine = SpeculativeEngine(self.tiers(capacity, len(ids), plan), temperature, top_p, cfg.prefill_chunk,
                                    sync_timing=self.device.type == "cuda")
         stop = self.stop_ids
         printed = [0]
@@ -277,6 +303,8 @@ class Generator:
                 moved += t.stats.forwards * (t.model.args.weight_bytes(self.dtype.itemsize)
                                              + kv * t.model.args.kv_bytes_per_token(self.dtype.itemsize))
             stats["bandwidth_gb_s"] = moved / decode / 1e9 if decode > 0 else None
+        if self.plan is not None:
+            stats["memory_plan"] = self.plan.describe()
         return stats
 
 

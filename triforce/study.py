@@ -1,0 +1,261 @@
+"""Acceptance-rate study (GitHub issue 6): `python -m triforce.study [+model=NAME] [key=value ...]`.
+
+Sweeps middle-tier policy x budget x gamma x prompt length x temperature in one process and appends
+one JSON line per run to `study.out`. Each run measures
+- middle vs target: the 2-tier pipeline [target, policy], the target verifying `gamma` tokens;
+- tiny vs middle: the 3-tier pipeline [target, policy, tiny] (StreamingLLM draft, `draft.*`).
+Weights load once (`Generator`). At ~32 new tokens per run the prompt's prefill would dominate, so
+it runs once per prompt and every run on that prompt restores it (`SharedPrefill`).
+`scripts/plot_acceptance.py` turns the JSON lines into a CSV, a figure and a markdown table.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from triforce.cache import FullCache, StreamingCache
+from triforce.engine import SpeculativeEngine, Tier
+from triforce.generate import Generator, default_model_config
+from triforce.policies import POLICIES, make_policy
+from triforce.sampling import check_sampling
+
+log = logging.getLogger("triforce.study")
+# the settings that identify a run (resume skips runs whose key already has a row)
+KEY = ("model", "document", "prompt_tokens", "temperature", "policy", "budget", "chunk_size", "reselect",
+       "gamma", "draft_gamma", "seed", "max_new_tokens", "tiny")
+
+
+def run_specs(cfg: DictConfig) -> list[dict]:
+    """Every run of the sweep, without duplicates, prompts outermost so runs sharing a prefill are adjacent."""
+    s = cfg.study
+    model = (cfg.get("model") or default_model_config()).name
+    grid = [(p, int(b), int(cfg.gamma)) for p in s.policies for b in s.budgets]
+    grid += [(p, int(s.gamma_budget), int(g)) for p in s.gamma_policies for g in s.gammas]
+    return [dict(model=model, document=doc, prompt_tokens=int(n), temperature=float(t), policy=p, budget=b,
+                 chunk_size=int(cfg.cache.chunk_size), reselect=cfg.cache.reselect, gamma=g,
+                 draft_gamma=int(cfg.draft.gamma), seed=int(cfg.seed), max_new_tokens=int(s.max_new_tokens),
+                 tiny=bool(s.tiny))
+            for doc in s.documents for n in s.prompt_tokens for t in s.temperatures
+            for p, b, g in dict.fromkeys(grid)]
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every check of the study's settings, before any weight is loaded."""
+    s = cfg.study
+    for name in ("documents", "prompt_tokens", "temperatures", "policies", "budgets"):
+        if not s[name]:
+            raise ValueError(f"study.{name} is empty: give at least one value")
+    unknown = [p for p in [*s.policies, *s.gamma_policies] if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policy {', '.join(unknown)} in study.policies/gamma_policies; "
+                         f"valid: {', '.join(POLICIES)}")
+    chunk = cfg.cache.chunk_size
+    small = [b for b in [*s.budgets, s.gamma_budget] if b < chunk]
+    if chunk < 1 or small:
+        raise ValueError(f"budgets {small} are below cache.chunk_size={chunk}: every budget must be >= chunk_size >= 1")
+    if min([cfg.gamma, cfg.draft.gamma, *s.gammas]) < 1:
+        raise ValueError(f"gamma, draft.gamma and study.gammas must be >= 1 "
+                         f"(got {cfg.gamma}, {cfg.draft.gamma}, {list(s.gammas)})")
+    for t in s.temperatures:
+        check_sampling(t, cfg.top_p)
+    if s.max_new_tokens < 1:
+        raise ValueError(f"study.max_new_tokens must be >= 1, got {s.max_new_tokens}")
+    m = cfg.get("model") or default_model_config()
+    depth = max([cfg.gamma, *s.gammas]) + cfg.draft.gamma + 2
+    for n in s.prompt_tokens:
+        if n < 2 or n + s.max_new_tokens + depth > m.context_length:
+            raise ValueError(f"prompt_tokens={n} must be >= 2 and, with max_new_tokens={s.max_new_tokens} and "
+                             f"speculation depth {depth}, fit the context of {m.context_length} ({m.name})")
+    unknown = set(s.policy_kwargs) - set(POLICIES)
+    if unknown:
+        raise ValueError(f"study.policy_kwargs names unknown policies {sorted(unknown)}")
+    corpus = Path(s.corpus_dir).expanduser()
+    missing = [d for d in s.documents if not (corpus / f"{d}.txt").is_file()]
+    if missing and not m.random_weights:
+        raise FileNotFoundError(f"documents {missing} are not in {corpus}: run `python scripts/fetch_corpus.py` "
+                                f"(or set study.corpus_dir / study.documents)")
+
+
+def prompt_ids(gen: Generator, corpus: Path, doc: str, n: int, seed: int) -> tuple[list[int], bool]:
+    """The first n tokens of `doc`, and whether they are synthetic (random-weight model, no corpus)."""
+    path = corpus / f"{doc}.txt"
+    if not path.is_file():  # check_config allows this only for random-weight models
+        g = torch.Generator().manual_seed(seed + zlib.crc32(doc.encode()))
+        return torch.randint(gen.args.vocab_size, (n,), generator=g).tolist(), True
+    text = path.read_text()
+    ids = gen.encode(text[:8 * n], chat=False)  # ~4 characters per token: 8n characters is plenty
+    if len(ids) < n:
+        ids = gen.encode(text, chat=False)
+    if len(ids) < n:
+        raise ValueError(f"document {doc} has only {len(ids)} tokens, fewer than prompt_tokens={n}")
+    return ids[:n], False
+
+
+class SharedPrefill:
+    """One prompt's prefill (all but its last token), computed once and restored before every run.
+
+    Runs never write below the prompt's length: the target rolls back to it and drafts write only
+    past the target's verified length. So restoring `full.length` restores the target's KV. The
+    tiny draft's StreamingLLM cache compacts in place, so its buffers are snapshotted and copied back.
+    """
+
+    def __init__(self, gen: Generator, ids: list[int], capacity: int, slack: int):
+        self.ids, self.n = torch.tensor(ids), len(ids) - 1
+        chunk = gen.cfg.prefill_chunk
+        self.full = FullCache(gen.model, capacity)
+        self._absorb(gen.model, self.full, chunk)
+        self.tiny = None
+        if gen.draft is not None:
+            d = gen.cfg.draft
+            self.tiny = StreamingCache(gen.draft, d.sinks, d.window, slack=slack, max_forward=max(chunk, d.gamma + 1),
+                                       position_shift=d.position_shift)
+            self._absorb(gen.draft, self.tiny, chunk)
+            self.tiny_state = (self.tiny.k.clone(), self.tiny.v.clone(), self.tiny.start)
+
+    @torch.inference_mode()
+    def _absorb(self, model, cache, chunk: int) -> None:
+        for start in range(0, self.n, chunk):
+            model(self.ids[None, start:min(self.n, start + chunk)].to(model.device), cache, last=0)
+
+    def restore(self) -> None:
+        self.full.length = self.n
+        if self.tiny is not None:
+            k, v, start = self.tiny_state
+            self.tiny.k.copy_(k)
+            self.tiny.v.copy_(v)
+            self.tiny.start, self.tiny.length = start, self.n
+
+
+class SharedPrefillEngine(SpeculativeEngine):
+    """A SpeculativeEngine whose prefill restores a `SharedPrefill` instead of recomputing it."""
+
+    def __init__(self, tiers: list[Tier], shared: SharedPrefill, **kwargs):
+        super().__init__(tiers, **kwargs)
+        self.shared = shared
+
+    def _prefill(self, progress: bool = False) -> None:
+        t0 = time.perf_counter()
+        if self.seq_len - 1 != self.shared.n:
+            raise ValueError(f"prompt of {self.seq_len} tokens, but the shared prefill holds {self.shared.n + 1}")
+        self.shared.restore()
+        for tier in self.tiers[1:]:
+            if tier.cache is not self.shared.tiny and not tier.cache.adopt_prefix(self.shared.n):
+                raise ValueError(f"tier {tier.name!r} does not read the target's KV: it cannot share the prefill")
+        self.prefill_seconds = time.perf_counter() - t0
+
+
+def run_pipeline(gen: Generator, shared: SharedPrefill, spec: dict, n_tiers: int) -> tuple[dict, int, float]:
+    """One generation on [target, policy] (+ tiny): per-tier stats, tokens generated, decode tokens/s."""
+    kwargs = dict(gen.cfg.study.policy_kwargs.get(spec["policy"]) or {})
+    mid = make_policy(spec["policy"], shared.full, gen.model, spec["budget"], spec["chunk_size"], spec["reselect"],
+                      **kwargs)
+    tiers = [Tier("target", gen.model, shared.full, gamma=spec["gamma"]),
+             Tier("middle", gen.model, mid, gamma=spec["draft_gamma"])]
+    if n_tiers == 3:
+        tiers.append(Tier("tiny", gen.draft, shared.tiny))
+    engine = SharedPrefillEngine(tiers, shared, temperature=spec["temperature"], top_p=gen.cfg.top_p,
+                                 prefill_chunk=gen.cfg.prefill_chunk, sync_timing=gen.device.type == "cuda")
+    t0 = time.perf_counter()
+    # no stop ids: every run measures max_new_tokens tokens, so runs compare like for like
+    out = engine.generate(shared.ids, spec["max_new_tokens"], None, spec["seed"])
+    decode = time.perf_counter() - t0 - engine.prefill_seconds
+    return engine.stats(len(out)), len(out), len(out) / decode
+
+
+def measure(gen: Generator, shared: SharedPrefill, spec: dict, device: str) -> dict:
+    """The row of one run: middle-vs-target from the 2-tier pipeline, tiny-vs-middle from the 3-tier one."""
+    s2, n, tps = run_pipeline(gen, shared, spec, 2)
+    row = {**spec, "top_p": gen.cfg.top_p, "generated_tokens": n,
+           "accept_rate": s2["target"]["acceptance_rate"], "mean_accepted_length": s2["target"]["mean_accepted_length"],
+           "tokens_per_second": tps, "tiny_accept_rate": None, "tiny_mean_accepted_length": None,
+           "accept_rate_3tier": None, "tokens_per_second_3tier": None}
+    if spec["tiny"]:
+        s3, _, tps3 = run_pipeline(gen, shared, spec, 3)
+        row.update(tiny_accept_rate=s3["middle"]["acceptance_rate"],
+                   tiny_mean_accepted_length=s3["middle"]["mean_accepted_length"],
+                   accept_rate_3tier=s3["target"]["acceptance_rate"], tokens_per_second_3tier=tps3)
+    row.update(device=device, dtype=str(gen.dtype).removeprefix("torch."),
+               time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return row
+
+
+def done_keys(path: Path) -> set[tuple]:
+    """Keys of the runs already in the JSON lines at `path` (for resume)."""
+    if not path.is_file():
+        return set()
+    keys = set()
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            keys.add(tuple(row.get(k) for k in KEY))
+    return keys
+
+
+def run_study(cfg: DictConfig) -> list[dict]:
+    """Run every pending run of the sweep, appending each row to `study.out` as it completes."""
+    check_config(cfg)
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.pipeline = "triforce" if cfg.study.tiny else "retrieval"
+    specs = run_specs(cfg)
+    out = Path(cfg.study.out).expanduser()
+    done = done_keys(out) if cfg.study.resume else set()
+    todo = [s for s in specs if tuple(s[k] for k in KEY) not in done and s["budget"] < s["prompt_tokens"]]
+    n_done = sum(tuple(s[k] for k in KEY) in done for s in specs)
+    gen = Generator(cfg)
+    device = str(gen.device) + (f" ({torch.cuda.get_device_name(gen.device)})" if gen.device.type == "cuda" else "")
+    max_gamma = max([cfg.gamma, *cfg.study.gammas])
+    corpus = Path(cfg.study.corpus_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(todo), desc="study", unit="run")
+    for (doc, n), group in itertools.groupby(todo, key=lambda s: (s["document"], s["prompt_tokens"])):
+        ids, synthetic = prompt_ids(gen, corpus, doc, n, cfg.seed)
+        shared = SharedPrefill(gen, ids, n + cfg.study.max_new_tokens + max_gamma + cfg.draft.gamma + 2,
+                               slack=max_gamma + cfg.draft.gamma + 8)
+        for spec in group:
+            row = {**measure(gen, shared, spec, device), "synthetic_prompt": synthetic}
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            bar.set_postfix_str(f"{doc[:12]} {n} {spec['policy']} B={spec['budget']} g={spec['gamma']} "
+                                f"acc={row['accept_rate'] or 0:.2f}")
+            bar.update()
+        del shared
+    bar.close()
+    print(summary_line(rows, len(specs), n_done, time.perf_counter() - t0, out, cfg), file=sys.stderr)
+    return rows
+
+
+def summary_line(rows: list[dict], n_specs: int, n_done: int, seconds: float, out: Path, cfg: DictConfig) -> str:
+    """Runs done, skipped, time, and the mean acceptance per policy at the main gamma and first temperature."""
+    skipped = n_specs - n_done - len(rows)
+    t = float(cfg.study.temperatures[0])
+    acc: dict[str, list[float]] = {}
+    for r in rows:
+        if r["gamma"] == cfg.gamma and r["temperature"] == t and r["accept_rate"] is not None:
+            acc.setdefault(r["policy"], []).append(r["accept_rate"])
+    means = ", ".join(f"{p} {sum(v) / len(v):.3f}" for p, v in acc.items())
+    return (f"study: {len(rows)} runs in {seconds / 60:.1f} min -> {out} ({n_done} already there, {skipped} skipped: "
+            f"budget >= prompt); mean acceptance at gamma={cfg.gamma}, T={t}: {means or 'n/a'}")
+
+
+@hydra.main(config_path="pkg://triforce.conf", config_name="study", version_base=None)
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run_study(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,7 @@ Reads the JSON lines of results/acceptance_runs.jsonl and writes
 - results/acceptance.csv: one row per run, flat columns;
 - results/acceptance.png: acceptance vs budget per policy (log2 x), one panel per prompt length, at
   the main gamma and temperature, averaged over documents; then mean accepted length vs gamma for
-  the gamma-sweep policies at the gamma-sweep budget (longest prompt);
+  the gamma-sweep policies at the gamma-sweep budget (the prompt length that has the sweep);
 and prints a markdown table (policy x budget, acceptance) at the longest prompt length.
 Usage: python scripts/plot_acceptance.py [--runs PATH] [--csv PATH] [--png PATH] [--gamma 6] [--temperature 0]
 """
@@ -106,8 +106,8 @@ def plot(rows: list[dict], path: Path, gamma: int, temperature: float) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     ax = axes[0][-1]
-    if gb is not None:
-        n = lengths[-1]
+    if gb is not None:  # the prompt length whose runs hold the most gammas at that budget
+        n = max(lengths, key=lambda m: (len({r["gamma"] for r in select(rows, budget=gb, prompt_tokens=m)}), m))
         sub = select(rows, budget=gb, temperature=temperature, prompt_tokens=n)
         means = mean_by(sub, ("policy", "gamma"), "mean_accepted_length")
         gammas_per = defaultdict(set)

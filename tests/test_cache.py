@@ -76,28 +76,20 @@ def test_streaming_position_shift_uses_cache_positions(model):
 @torch.inference_mode()
 def test_retrieval_keeps_sink_and_best_chunk_and_never_overwrites_target(model):
     full = FullCache(model, 128)
-    ids = torch.randint(0, 50, (1, 64))
-    model(ids, full)
+    model(torch.randint(0, 50, (1, 64)), full)
     kv = full.k.clone()
     ret = RetrievalCache(full, model, budget=8, chunk_size=4)
-    ret.adopt_prefix(63)  # it re-reads the target's last token position: protected, not rewritten
-    q = torch.zeros(1, 4, 1, model.args.head_dim)
-    ret.begin(1)
-    q_rot = q.clone()
-    # make chunk 9 (positions 36..39) the best match for head 0
-    target_key = full.k[0, 0, 36:40].mean(0)
-    ret.boundary = 60
-    ret.full_view = False
-    scores = ret.chunk_scores(0, target_key.expand(1, 4, 1, -1).contiguous() * 1.0)
-    idx = ret.choose(0, target_key.expand(1, 4, 1, -1).contiguous())
+    ret.adopt_prefix(63)  # re-reads the target's last position: verified, so never rewritten
+    ret.boundary, ret.full_view = 60, False
+    query = full.k[0, 0, 36:40].mean(0).expand(1, 4, 1, -1).contiguous()  # chunk 9 summarised
+    scores = ret.chunk_scores(0, query)
+    idx = ret.choose(0, query)
     assert idx.shape == (2, 8)
-    assert set(range(4)) <= set(idx[0].tolist())  # sink chunk
-    assert int(scores[0, 1:].argmax()) + 1 in {int(i) // 4 for i in idx[0]}
-    ret.length = 63
+    assert set(range(4)) <= set(idx[0].tolist())  # the sink chunk
+    assert int(scores[0, 1:].argmax()) + 1 in {int(i) // 4 for i in idx[0]}  # the best other chunk
     ret.begin(1)
     model.layers[0].self_attn(torch.randn(1, 1, model.args.dim), ret, 0)
-    assert torch.equal(full.k[:, :, :63], kv[:, :, :63])  # verified KV untouched
-    del q_rot
+    assert torch.equal(full.k[:, :, :64], kv[:, :, :64])  # verified KV untouched
 
 
 @torch.inference_mode()

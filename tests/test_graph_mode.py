@@ -65,8 +65,6 @@ def test_graph_mode_logits_per_cache(models):
     def run(make, graphed):
         cache = make()
         target(ids[:, :100], cache)
-        if isinstance(cache, RetrievalCache):
-            pass
         step = GraphedModel(target, cache, {1, 4}, capture=False) if graphed else None
         out = []
         for s in range(100, 116, 4):

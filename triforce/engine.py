@@ -129,6 +129,7 @@ class SpeculativeEngine:
             if level == len(self.tiers) - 1:
                 p = self._distributions(level, 1)
                 new, rows = sample(p, self.generator), p
+                self._append(new)
             else:
                 start = self.seq_len
                 g = tier.gamma
@@ -145,8 +146,6 @@ class SpeculativeEngine:
                 self._invalidate(level, start + n_acc)
                 new, rows = torch.cat((draft[:n_acc], nxt[None])), p[:n_acc + 1]
                 self._append(nxt[None])
-            if level == len(self.tiers) - 1:
-                self._append(new)
             toks.append(new)
             dists.append(rows)
             produced += new.numel()

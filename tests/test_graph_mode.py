@@ -13,6 +13,7 @@ from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel
 from triforce.models.llama import ModelArgs, build_model
+from triforce.offload import OffloadedFullCache
 
 pytest.importorskip("triton")
 CAPTURE = torch.cuda.is_available()
@@ -29,8 +30,8 @@ def models():
     return target, target.layer_subset([0])
 
 
-def pipeline(target, tiny, n, graphs: bool):
-    full = FullCache(target, n)
+def pipeline(target, tiny, n, graphs: bool, offloaded: bool = False):
+    full = OffloadedFullCache(target, n, resident_layers=1, transfer_chunk=40) if offloaded else FullCache(target, n)
     tiers = [Tier("target", target, full, gamma=4),
              Tier("retrieval", target, RetrievalCache(full, target, 32, 4), gamma=3),
              Tier("tiny", tiny, StreamingCache(tiny, 2, 12, slack=16, max_forward=64))]
@@ -55,6 +56,22 @@ def test_graph_path_matches_eager(models, temperature):
     if temperature == 0:
         ar = SpeculativeEngine([Tier("target", target, FullCache(target, 260))], 0.0, 1.0, prefill_chunk=64)
         assert ar.generate(prompt, 40) == outs[0]
+
+
+def test_graph_path_over_offloaded_store(models):
+    """The retrieval tier's graph steps read an offloaded store's host layers from its device mirror
+    (selected KV + tail); every tier must make the same drafts and verdicts as eager over FullCache."""
+    target, tiny = models
+    prompt = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(5))
+    ref = SpeculativeEngine(pipeline(target, tiny, 260, False), 0.0, 1.0, prefill_chunk=64)
+    off = SpeculativeEngine(pipeline(target, tiny, 260, True, offloaded=True), 0.0, 1.0, prefill_chunk=64)
+    want = ref.generate(prompt, 40)
+    assert off.generate(prompt, 40) == want
+    for name in ("target", "retrieval"):
+        a, b = ref.stats(40)[name], off.stats(40)[name]
+        assert (a["proposed"], a["accepted"]) == (b["proposed"], b["accepted"]), name
+    assert off.tiers[1].graphed.cache.selections == 1 and off.tiers[0].cache.tail_start is not None
+    assert off.generate(prompt, 40) == want  # a second call reuses the mirror
 
 
 @torch.inference_mode()

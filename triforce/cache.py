@@ -169,8 +169,12 @@ class FullCache(KVCache):
         torch.gather(self.k[layer], 1, i, out=out_k)
         torch.gather(self.v[layer], 1, i, out=out_v)
 
-    def keep_tail(self, start: int) -> None:
+    def keep_tail(self, start: int, front: int = 0) -> None:
         """A reader will touch positions >= start every step (an offloaded store mirrors them on the device)."""
+
+    def layout_key(self) -> tuple:
+        """Store layout a reader's captured graph depends on (an offloaded store's mirror)."""
+        return ()
 
 
 class StreamingCache(KVCache):
@@ -317,8 +321,7 @@ class SelectionCache(KVCache):
         self.sel_k = torch.zeros(self.n_layers, self.n_kv_heads, self.budget, self.head_dim,
                                  dtype=self.dtype, device=self.device)
         self.sel_v = torch.zeros_like(self.sel_k)
-        if not full.device_resident:  # graph steps read the store in place
-            self.graph_ready = False
+        self.front_t = torch.full((), self.budget, dtype=torch.int32, device=self.device)
         self.reset()
 
     def reset(self) -> None:
@@ -353,12 +356,17 @@ class SelectionCache(KVCache):
             self.end_t = self.pos_t[-1:] + 1
             self.n_keys_t = self.end_t if self.full_view else self.budget + self.end_t - self.boundary_t
             self.write_t = torch.where(self.pos_t < self.full_len_t, self.full.max_length, self.pos_t)
+            if not self.full.device_resident:  # offloaded layers: rows of the store's device mirror
+                view_start = self.zero_t if self.full_view else self.boundary_t
+                scratch = self.full.mirror_k.shape[1] - 1
+                self.mirror_w_t = torch.where(self.pos_t < self.full_len_t, scratch,
+                                              self.budget + self.pos_t - view_start)
             return
         self.selecting = self.select_next
         if self.selecting:
             self.boundary = (min(self.length, self.full.length) // self.chunk) * self.chunk
             self.full_view = self.budget >= self.boundary
-            self.full.keep_tail(0 if self.full_view else self.boundary)
+            self.full.keep_tail(0 if self.full_view else self.boundary, front=self.budget)
 
     def advance(self, n_new: int) -> None:
         if self.graph_mode:
@@ -377,18 +385,29 @@ class SelectionCache(KVCache):
 
     def _attend_device(self, layer, q, k, v):
         """Graph mode: in-place write (verified positions diverted to the store's scratch slot),
-        then split-K attention reading the store in place."""
-        self.full.k[layer].index_copy_(1, self.write_t, k[0])
-        self.full.v[layer].index_copy_(1, self.write_t, v[0])
+        then split-K attention reading the store in place. An offloaded store's host layers are
+        read from its device mirror instead: [selected KV | tail since the boundary | scratch]."""
+        full = self.full
+        if full.device_resident:
+            store_k, store_v = full.k[layer], full.v[layer]
+        else:
+            j = full.offloaded_index(layer)
+            if j is not None:
+                mk, mv = full.mirror(j)
+                mk.index_copy_(1, self.mirror_w_t, k[0])
+                mv.index_copy_(1, self.mirror_w_t, v[0])
+                return device_attention(q, mk, mv, self.n_keys_t, self.max_keys,
+                                        self.front_t if self.full_view else self.zero_t)
+            store_k, store_v = full.dev_k[layer], full.dev_v[layer]  # not full.k: that syncs host writes
+        store_k.index_copy_(1, self.write_t, k[0])
+        store_v.index_copy_(1, self.write_t, v[0])
         if self.full_view:
-            return device_attention(q, self.full.k[layer], self.full.v[layer], self.n_keys_t, self.full.max_length,
-                                    self.zero_t)
-        return device_attention(q, self.full.k[layer], self.full.v[layer], self.n_keys_t, self.max_keys,
-                                self.boundary_t, self.sel_idx[layer])
+            return device_attention(q, store_k, store_v, self.n_keys_t, full.max_length, self.zero_t)
+        return device_attention(q, store_k, store_v, self.n_keys_t, self.max_keys, self.boundary_t, self.sel_idx[layer])
 
     def graph_key(self) -> tuple:
-        """What a captured graph baked in: the view kind and the planned key bound."""
-        return (self.full_view, self.max_keys)
+        """What a captured graph baked in: the view kind, the planned key bound, the store's layout."""
+        return (self.full_view, self.max_keys) + self.full.layout_key()
 
     def choose(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Positions [KVH, budget] below `self.boundary` this layer reads; q [1, H, T, D] rotated."""
@@ -411,6 +430,8 @@ class SelectionCache(KVCache):
             n = pos.shape[1]
             self.full.gather(layer, pos, self.sel_k[layer, :, :n], self.sel_v[layer, :, :n])
             self.post_gather(layer)
+            if self.graph_ready and not self.full.device_resident:  # graphs read offloaded layers' copies
+                self.full.put_front(layer, *self.selected_kv(layer))
         sel_k, sel_v = self.selected_kv(layer)
         tail_k, tail_v = self.full.read(layer, self.boundary, e)
         return attention(q, torch.cat((sel_k, tail_k), dim=1), torch.cat((sel_v, tail_v), dim=1))

@@ -126,8 +126,10 @@ class OffloadedFullCache(FullCache):
         slots = 2 if n_off else 0
         self.slot_k = torch.empty(slots, self.piece, kvh, d, dtype=self.dtype, device=self.device)
         self.slot_v = torch.empty_like(self.slot_k)
-        self.tail_k = self.tail_v = None
+        self.tail_k = self.tail_v = None  # views into mirror_k/mirror_v (see keep_tail)
+        self.mirror_k = self.mirror_v = None
         self.tail_start: int | None = None
+        self.front = 0
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(self.device)
             self.ready = [torch.cuda.Event(), torch.cuda.Event()]
@@ -156,6 +158,15 @@ class OffloadedFullCache(FullCache):
 
     def _off(self, layer: int) -> int | None:
         return None if layer < self.resident_layers else layer - self.resident_layers
+
+    def offloaded_index(self, layer: int) -> int | None:
+        """Index of `layer` among the offloaded layers (None: its KV is on the device)."""
+        return self._off(layer)
+
+    def layout_key(self) -> tuple:
+        """What a draft's captured graph bakes in about this store: the mirror buffer and its layout."""
+        m = self.mirror_k
+        return () if m is None else (m.data_ptr(), m.shape[1], self.front, self.tail_start)
 
     # ------------------------------------------------------------------------------ copies
     def _issue(self) -> None:
@@ -339,22 +350,39 @@ class OffloadedFullCache(FullCache):
         out_k.copy_(torch.gather(src_k, 1, i))
         out_v.copy_(torch.gather(src_v, 1, i))
 
-    def keep_tail(self, start: int) -> None:
+    def keep_tail(self, start: int, front: int = 0) -> None:
         """Mirror positions >= start of the offloaded layers on the device (a draft reads them every step).
 
-        Costs (max_length + 1 - start) tokens of device KV for those layers; filled from host once.
+        The mirror of offloaded layer j is one buffer [front + cap + 1, KVH, D]: `front` rows a
+        draft fills with its selected KV (`put_front`), the tail (positions start.., cap =
+        max_length + 1 - start tokens, filled from host once) and a last scratch row for
+        graph-mode writes that must not land. So one kernel reads selection + tail in a CUDA graph.
         """
         n_off = self.n_layers - self.resident_layers
-        if not n_off or start == self.tail_start:
+        if not n_off or (start, front) == (self.tail_start, self.front):
             return
         cap = self.max_length + 1 - start
-        if self.tail_k is None or self.tail_k.shape[1] < cap:
-            shape = (n_off, cap, self.n_kv_heads, self.head_dim)
-            self.tail_k = torch.empty(shape, dtype=self.dtype, device=self.device)
-            self.tail_v = torch.empty_like(self.tail_k)
-        self.tail_start = start
+        rows = front + cap + 1
+        if self.mirror_k is None or self.mirror_k.shape[1] < rows:
+            self.mirror_k = self.mirror_v = None  # free the old buffer before allocating
+            shape = (n_off, rows, self.n_kv_heads, self.head_dim)
+            self.mirror_k = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.mirror_v = torch.empty_like(self.mirror_k)
+        self.front, self.tail_start = front, start
+        self.tail_k, self.tail_v = self.mirror_k[:, front:front + cap], self.mirror_v[:, front:front + cap]
         end = self.high  # host holds every position written (speculative ones too); later writes go to both
         for j in range(n_off if end > start else 0):
             k, v = self._from_host(j, start, end)
             self.tail_k[j, :end - start] = k
             self.tail_v[j, :end - start] = v
+
+    def put_front(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A draft's selected KV [KVH, n, D] of `layer` into the mirror's front rows (offloaded layers only)."""
+        j = self._off(layer)
+        if j is not None:
+            self.mirror_k[j, :k.shape[1]] = k.transpose(0, 1)
+            self.mirror_v[j, :v.shape[1]] = v.transpose(0, 1)
+
+    def mirror(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Offloaded layer j's mirror, head-major [KVH, rows, D] (views), for graph-mode readers."""
+        return self.mirror_k[j].transpose(0, 1), self.mirror_v[j].transpose(0, 1)

@@ -355,7 +355,7 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
     """Instantiate on `device`; copy `state_dict` (HF names) in, or draw random weights when None."""
     with torch.device("meta"):
         model = Transformer(args, context_length, tp_group)
-    model = model.to_empty(device=device).to(dtype)
+    model = model.to(dtype).to_empty(device=device)  # never the float32 copy: a 7B would need 27 GB
     model.rotary.inv_freq.copy_(rope_inv_freq(args, model.context_length)[0])
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -9,6 +9,7 @@ Tensor parallelism: projections are column-parallel (q/k/v, gate/up) and row-par
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -92,6 +93,32 @@ class ModelArgs:
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    def local(self, world: int) -> "ModelArgs":
+        """One rank's shapes under tensor parallelism over `world` ranks (byte counts, memory plans).
+
+        Heads, KV heads and MLP columns are split; embedding and head stay whole (replicated).
+        """
+        check_tp(self, world)
+        return dataclasses.replace(self, n_heads=self.n_heads // world, n_kv_heads=self.n_kv_heads // world,
+                                   intermediate_size=self.intermediate_size // world, head_dim=self.head_dim)
+
+
+def check_tp(args: ModelArgs, world: int) -> None:
+    """Raise unless attention heads, KV heads and MLP columns split evenly over `world` ranks.
+
+    Called before any process group or weight exists, so a bad `tp` fails at once; the message
+    lists the sizes that would work.
+    """
+    if world < 1:
+        raise ValueError(f"tp must be >= 1, got {world}")
+    sizes = {"n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads, "intermediate_size": args.intermediate_size}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v % world]
+    if bad:
+        ok = [n for n in range(1, args.n_kv_heads + 1) if all(v % n == 0 for v in sizes.values())]
+        raise ValueError(f"tp={world}: tensor parallelism splits attention heads, KV heads and MLP columns evenly "
+                         f"over the ranks, but {', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not divisible by {world}; "
+                         f"use tp in {ok}")
 
 
 def rope_inv_freq(args: ModelArgs, context_length: int) -> tuple[torch.Tensor, float]:
@@ -295,7 +322,13 @@ class Transformer(nn.Module):
 
     @property
     def n_kv_heads(self) -> int:
+        """KV heads this rank holds (all of them without tensor parallelism): what caches allocate."""
         return self.layers[0].self_attn.n_kv_heads
+
+    @property
+    def local_args(self) -> ModelArgs:
+        """`args` with this rank's head and MLP counts: the bytes one rank reads and stores."""
+        return self.args.local(_tp(self.tp_group)[0])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -338,16 +371,31 @@ class Transformer(nn.Module):
 
 # ----------------------------------------------------------------------------------------- loading
 
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # output rows split (weights, biases)
+ROW_PARALLEL = ("o_proj.weight", "down_proj.weight")  # input columns split; partial sums all-reduced
+
+
+def _split_dim(name: str) -> int | None:
+    if any(s in name for s in COLUMN_PARALLEL):
+        return 0
+    if any(s in name for s in ROW_PARALLEL):
+        return 1
+    return None  # replicated: norms, embedding, head
+
+
 def _shard(name: str, w: torch.Tensor, tp_group) -> torch.Tensor:
     """Slice a full weight for this rank: column-parallel rows, row-parallel columns."""
     world, rank = _tp(tp_group)
-    if world == 1:
-        return w
-    if any(s in name for s in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
-        return w.chunk(world, dim=0)[rank]
-    if any(s in name for s in ("o_proj.weight", "down_proj.weight")):
-        return w.chunk(world, dim=1)[rank]
-    return w
+    dim = _split_dim(name)
+    return w if world == 1 or dim is None else w.chunk(world, dim=dim)[rank]
+
+
+def _full_shape(name: str, local: torch.Size, world: int) -> list[int]:
+    """The unsharded shape of parameter `name` whose shard on one rank has shape `local`."""
+    shape, dim = list(local), _split_dim(name)
+    if dim is not None:
+        shape[dim] *= world
+    return shape
 
 
 def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.dtype,
@@ -360,6 +408,9 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     if state_dict is None:  # drawn on the device: a 7B random model takes seconds, not minutes
+        # under tensor parallelism each rank draws the *full* tensor and keeps its slice, so the
+        # ranks together hold exactly the single-process model's weights (same seed, same stream)
+        world, _ = _tp(tp_group)
         gen = torch.Generator(device=device).manual_seed(seed)
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
@@ -368,7 +419,8 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
                 p.data.zero_()
             else:
                 std = 0.02 if p.ndim == 2 else 1.0
-                p.data.copy_(torch.randn(p.shape, generator=gen, device=device) * std)
+                w = torch.randn(_full_shape(name, p.shape, world), generator=gen, device=device) * std
+                p.data.copy_(_shard(name, w, tp_group))
         return model
     sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
     missing = []

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from triforce.cache import KVCache
@@ -60,7 +61,8 @@ class Tier:
 
 class SpeculativeEngine:
     def __init__(self, tiers: list[Tier], temperature: float, top_p: float, prefill_chunk: int = 512,
-                 sync_timing: bool = False, injected_acceptance: dict[int, float] | None = None):
+                 sync_timing: bool = False, injected_acceptance: dict[int, float] | None = None,
+                 group: dist.ProcessGroup | None = None):
         if not tiers:
             raise ValueError("the engine needs at least the target tier")
         for t in tiers[:-1]:
@@ -74,6 +76,11 @@ class SpeculativeEngine:
         # coin flips with the given per-token acceptance (random weights accept nothing). The
         # forwards still run; the output is then not the target's distribution.
         self.injected_acceptance = injected_acceptance or {}
+        # tensor parallelism: every rank runs this engine in lockstep; each sampling decision is
+        # broadcast from the group's rank 0 (`_agree`), so the ranks' token sequences, and with
+        # them the shapes of every later forward and collective, cannot drift apart
+        self.group = group
+        self.src = dist.get_global_rank(group, 0) if group is not None else 0
 
     # -------------------------------------------------------------------------------- one forward
     def _distributions(self, level: int, n_rows: int) -> torch.Tensor:
@@ -128,7 +135,7 @@ class SpeculativeEngine:
             tier.cache.begin_round()
             if level == len(self.tiers) - 1:
                 p = self._distributions(level, 1)
-                new, rows = sample(p, self.generator), p
+                new, rows = self._agree(sample(p, self.generator)), p
                 self._append(new)
             else:
                 start = self.seq_len
@@ -139,6 +146,9 @@ class SpeculativeEngine:
                 if level in self.injected_acceptance:
                     n_acc = self._injected(level, g)
                     nxt = sample(p[n_acc][None], self.generator)[0]
+                if self.group is not None:
+                    verdict = self._agree(torch.stack((torch.tensor(n_acc, device=nxt.device), nxt)))
+                    n_acc, nxt = int(verdict[0]), verdict[1]
                 tier.stats.proposed += g
                 tier.stats.accepted += n_acc
                 tier.stats.rounds += 1
@@ -157,6 +167,18 @@ class SpeculativeEngine:
             self.seq_len = start0 + n
             self._invalidate(level, start0 + n)
         return toks, dists
+
+    def _agree(self, t: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `t` on every tensor-parallel rank (in place; a no-op without a group).
+
+        Each rank would sample the same anyway (same seed, bitwise-equal logits after the
+        all-reduces), but a replicated draft or a nondeterministic kernel could break that, and
+        one differing token would desynchronise the ranks' collectives. A few bytes per decision
+        rule it out.
+        """
+        if self.group is not None:
+            dist.broadcast(t, src=self.src, group=self.group)
+        return t
 
     def _injected(self, level: int, g: int) -> int:
         ok = torch.rand(g, generator=self.generator, device=self.device) < self.injected_acceptance[level]

@@ -5,6 +5,7 @@ different prompts and seeds are independent. Every check of user input runs befo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -17,9 +18,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from triforce import tp as tpar
 from triforce.cache import FullCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
-from triforce.models.llama import ModelArgs, build_model, embedded_gguf, load_hf_dir, resolve_checkpoint
+from triforce.models.llama import ModelArgs, build_model, check_tp, embedded_gguf, load_hf_dir, resolve_checkpoint
 from triforce.sampling import check_sampling
 
 log = logging.getLogger("triforce")
@@ -74,7 +76,11 @@ def default_model_config() -> DictConfig:
 
 
 class Generator:
-    """Load once, generate many times: `triforce.load(...)` or `Generator(cfg)`."""
+    """Load once, generate many times: `triforce.load(...)` or `Generator(cfg)`.
+
+    Under torchrun (`tp` > 1) every rank builds its shard and must make the same calls; results
+    are identical on all ranks, and only rank 0 (`self.rank == 0`) streams text or logs.
+    """
 
     def __init__(self, cfg: DictConfig):
         cfg = cfg.copy()
@@ -92,7 +98,10 @@ class Generator:
             raise ValueError(f"cache.budget ({cfg.cache.budget}) must be >= cache.chunk_size ({cfg.cache.chunk_size}) >= 1")
         if str(cfg.get("offload", "auto")).lower() not in ("auto", "true", "false"):
             raise ValueError(f"offload must be auto, true or false, got {cfg.offload!r}")
-        self.device = resolve_device(cfg.device)
+        self.launch = tpar.resolve_launch(cfg.get("tp"))
+        self.tp, self.rank = self.launch.tp, self.launch.rank
+        cfg.tp = self.tp
+        self.device = tpar.rank_device(resolve_device(cfg.device), self.launch)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         m = cfg.model
         self.context_length = int(m.context_length)
@@ -121,19 +130,28 @@ class Generator:
         if self.n_tiers == 3 and m.draft_path not in (None, "self"):
             draft_dir = resolve_checkpoint(m.draft_path)
             self._check_draft_tokenizer(draft_dir)
+        check_tp(self.args, self.tp)  # before the process group: a bad tp fails without waiting for peers
         if self.device.type == "cuda":
-            self._check_memory(self.args.weight_bytes(self.dtype.itemsize), "the target's weights")
+            self._check_memory(self.args.local(self.tp).weight_bytes(self.dtype.itemsize), "the target's weights")
         elif cfg.cuda_graphs is True:
             raise RuntimeError("cuda_graphs=true needs a CUDA GPU; use cuda_graphs=auto (or false) on this machine")
+        self.group = tpar.init_group(self.device, self.launch)
+        tpar.check_same(tpar.flat(OmegaConf.to_container(cfg, resolve=True)), self.group, "the resolved config")
+        if self.rank:
+            log.setLevel(logging.ERROR)  # one copy of each message: rank 0's
 
+        # the target (and the retrieval tier, which runs its weights) is sharded over the tp ranks
         if target_dir is None:
-            self.model = build_model(self.args, None, self.device, self.dtype, self.context_length, seed=cfg.seed)
+            self.model = build_model(self.args, None, self.device, self.dtype, self.context_length,
+                                     tp_group=self.group, seed=cfg.seed)
         else:
-            self.model, _ = load_hf_dir(target_dir, self.device, self.dtype, self.context_length)
+            self.model, _ = load_hf_dir(target_dir, self.device, self.dtype, self.context_length, tp_group=self.group)
         self.model.eval()
         self._tiers, self.plan = None, None
         self.draft = None
         if self.n_tiers == 3:
+            # a separate tiny draft is replicated on every rank (no collectives in its steps); a
+            # self-draft is a layer subset of the target, so it shares the target's shards
             if draft_dir is not None:
                 self.draft, dargs = load_hf_dir(draft_dir, self.device, self.dtype)
             elif m.get("draft_args"):
@@ -160,16 +178,21 @@ class Generator:
                 raise ValueError(f"draft tokenizer in {draft_dir} differs from the target's: speculation needs one tokenizer")
 
     def plan_memory(self, capacity: int, new_tokens: int):
-        """What fits on this GPU (or `gpu_memory_gb`): resident vs offloaded target KV, retrieval budget."""
+        """What fits on this GPU (or `gpu_memory_gb`): resident vs offloaded target KV, retrieval budget.
+
+        Under tensor parallelism the plan is per rank: this rank's shard of the weights and KV,
+        its GPU, and its share of the host's memory (`host_memory_gb` is per rank when given).
+        """
         from triforce.planner import gpu_available_bytes, host_available_bytes, plan_memory
 
         cfg, d = self.cfg, self.cfg.draft
         gpu, host = cfg.get("gpu_memory_gb"), cfg.get("host_memory_gb")
         return plan_memory(
-            self.args, capacity, cfg.cache.budget if self.n_tiers >= 2 else 0, cfg.gamma,
-            self.draft.args if self.draft is not None else None, self.dtype.itemsize,
+            self.model.local_args, capacity, cfg.cache.budget if self.n_tiers >= 2 else 0, cfg.gamma,
+            self.draft.local_args if self.draft is not None else None, self.dtype.itemsize,
             int(gpu * 2**30) if gpu else gpu_available_bytes(self.device),
-            int(host * 2**30) if host else host_available_bytes(), str(cfg.get("offload", "auto")).lower(),
+            int(host * 2**30) if host else host_available_bytes() // self.launch.local_world,
+            str(cfg.get("offload", "auto")).lower(),
             chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
             draft_cache_tokens=d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1),
             draft_owns_weights=self.draft is not None and self.draft.embed_tokens is not self.model.embed_tokens)
@@ -256,6 +279,10 @@ class Generator:
                              f"context of {self.context_length}: shorten the prompt or lower max_new_tokens")
         if max(ids) >= self.args.vocab_size or min(ids) < 0:
             raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
+        tpar.check_same({"prompt_ids": hashlib.sha256(str(ids).encode()).hexdigest()[:16], "prompt_tokens": len(ids),
+                         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+                        self.group, "generate()'s input")
+        stream = stream and self.rank == 0
         depth = cfg.gamma + cfg.draft.gamma + 2
         capacity = len(ids) + max_new_tokens + depth
         plan = None
@@ -264,7 +291,7 @@ class Generator:
             plan = self.plan = self.plan_memory(capacity, max_new_tokens)
             log.info(plan.describe())
         engine = SpeculativeEngine(self.tiers(capacity, len(ids), plan), temperature, top_p, cfg.prefill_chunk,
-                                   sync_timing=self.device.type == "cuda")
+                                   sync_timing=self.device.type == "cuda", group=self.group)
         stop = self.stop_ids
         printed = [0]
         out: list[int] = []
@@ -279,7 +306,7 @@ class Generator:
 
         t0 = time.perf_counter()
         tokens = engine.generate(torch.tensor(ids), max_new_tokens, stop, seed, on_tokens,
-                                 progress=not stream)
+                                 progress=not stream and self.rank == 0)
         seconds = time.perf_counter() - t0
         if stream:
             sys.stdout.write("\n")
@@ -289,19 +316,20 @@ class Generator:
     def _stats(self, engine: SpeculativeEngine, prompt_len: int, n: int, seconds: float) -> dict:
         decode = seconds - engine.prefill_seconds
         stats = {
-            "pipeline": self.cfg.pipeline, "model": self.cfg.model.name, "device": str(self.device),
+            "pipeline": self.cfg.pipeline, "model": self.cfg.model.name, "device": str(self.device), "tp": self.tp,
             "dtype": str(self.dtype).removeprefix("torch."), "prompt_tokens": prompt_len, "generated_tokens": n,
             "prefill_seconds": engine.prefill_seconds, "decode_seconds": decode,
             "tokens_per_second": n / decode if decode > 0 else None, "tiers": engine.stats(n),
         }
         if self.device.type == "cuda":  # bytes each tier reads per forward: weights + the KV it attends to
-            moved = 0.0
+            moved = 0.0  # on one rank (its shard), so under tp this is per GPU
             for t in engine.tiers:
                 kv = t.cache.length if isinstance(t.cache, FullCache) else getattr(t.cache, "budget", 0) + 64
                 if isinstance(t.cache, StreamingCache):
                     kv = t.cache.sinks + t.cache.window
-                moved += t.stats.forwards * (t.model.args.weight_bytes(self.dtype.itemsize)
-                                             + kv * t.model.args.kv_bytes_per_token(self.dtype.itemsize))
+                a = t.model.local_args
+                moved += t.stats.forwards * (a.weight_bytes(self.dtype.itemsize)
+                                             + kv * a.kv_bytes_per_token(self.dtype.itemsize))
             stats["bandwidth_gb_s"] = moved / decode / 1e9 if decode > 0 else None
         if self.plan is not None:
             stats["memory_plan"] = self.plan.describe()
@@ -318,7 +346,9 @@ def summary_line(stats: dict) -> str:
             s += f", accept {t['acceptance_rate']:.2f}, mean len {t['mean_accepted_length']:.2f}"
         parts.append(s)
     if stats.get("bandwidth_gb_s"):
-        parts.append(f"~{stats['bandwidth_gb_s']:.0f} GB/s")
+        parts.append(f"~{stats['bandwidth_gb_s']:.0f} GB/s" + (" per GPU" if stats.get("tp", 1) > 1 else ""))
+    if stats.get("tp", 1) > 1:
+        parts.append(f"tp={stats['tp']}")
     return " | ".join(parts)
 
 
@@ -348,12 +378,15 @@ def main(cfg: DictConfig) -> None:
         raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
     gen = Generator(cfg)
     result = gen.generate(prompt, stream=cfg.stream)
-    print(summary_line(result.stats), file=sys.stderr)
-    if cfg.output_json:
-        path = Path(cfg.output_json).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": result.stats,
-                                    "config": OmegaConf.to_container(gen.cfg)}, indent=1))
+    if gen.rank == 0:  # under tp every rank holds the same result; one prints and writes it
+        print(summary_line(result.stats), file=sys.stderr)
+        if cfg.output_json:
+            path = Path(cfg.output_json).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": result.stats,
+                                        "config": OmegaConf.to_container(gen.cfg)}, indent=1))
+    if gen.group is not None:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -158,10 +158,10 @@ def plan(gpu_gib, host_gib=128, offload="auto", context=131072, budget=4096):
 def test_plan_offloads_layers_and_keeps_the_budget_on_a_24gib_gpu():
     p = plan(24)
     assert isinstance(p, MemoryPlan)
-    assert (p.offload, p.resident_layers, p.offloaded_layers, p.budget, p.transfer_chunk) == (True, 1, 31, 4096, 16384)
-    assert p.gpu_needed <= 24 * GiB and p.host_needed == 31 * (131073 * 16 * 1024)
+    assert (p.offload, p.resident_layers, p.offloaded_layers, p.budget, p.transfer_chunk) == (True, 0, 32, 4096, 16384)
+    assert p.gpu_needed <= 24 * GiB and p.host_needed == 32 * (131073 * 16 * 1024)
     text = p.describe()
-    assert "Target KV: 1 of 32 layers on the GPU, 31 in pinned host memory (62.0 of 128.0 GiB)" in text
+    assert "Target KV: 0 of 32 layers on the GPU, 32 in pinned host memory (64.0 of 128.0 GiB)" in text
     assert "weights 12.6" in text and "Retrieval budget 4096 tokens on the GPU." in text
 
 
@@ -171,19 +171,19 @@ def test_plan_keeps_everything_resident_when_it_fits():
     assert "all 32 layers on the GPU, no offloading" in p.describe()
     forced = plan(80, context=32768, offload="true")
     assert forced.offload and forced.offloaded_layers == 1  # true: at least one layer goes to the host
-    assert plan(80).resident_layers == 29  # 128K on an 80 GiB GPU: 3 layers offloaded
+    assert plan(80).resident_layers == 28  # 128K on an 80 GiB GPU: 4 layers offloaded
 
 
 def test_plan_lowers_the_retrieval_budget_when_needed():
     p = plan(20)
-    assert (p.resident_layers, p.budget, p.requested_budget) == (0, 2048, 4096)
-    assert "Retrieval budget lowered from 4096 to 2048 tokens to fit the GPU." in p.describe()
+    assert (p.resident_layers, p.budget, p.requested_budget) == (0, 1024, 4096)
+    assert "Retrieval budget lowered from 4096 to 1024 tokens to fit the GPU." in p.describe()
 
 
 def test_plan_refusals_name_the_numbers():
     with pytest.raises(ValueError, match=r"the target's weights alone need 12\.6 GiB .* but the GPU has 8\.0 GiB"):
         plan(8)
-    with pytest.raises(ValueError, match=r"offloading 31 of 32 target layers needs 62\.0 GiB of pinned host "
+    with pytest.raises(ValueError, match=r"offloading 32 of 32 target layers needs 64\.0 GiB of pinned host "
                                          r"memory but 32\.0 GiB is available"):
         plan(24, host_gib=32)
     with pytest.raises(ValueError, match=r"131072 tokens need 83\.6 GiB of GPU memory \(target KV 64\.0 GiB\) but "

@@ -124,10 +124,14 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                          f"{gib(workspace)} GiB of workspace) but the GPU has {gib(gpu_bytes)} GiB: use a bigger GPU "
                          f"or a smaller model (offloading moves only the KV cache)")
 
+    tail_tokens = new_tokens + 2 * gamma + 2 + chunk_size
+
     def plan(offloaded: bool, resident: int, piece: int | None, fitted: int, extra: dict[str, int]) -> MemoryPlan:
+        # per offloaded layer, the device mirror a graphed retrieval draft reads: its selected KV + the tail
+        mirror = (fitted + tail_tokens) * token_layer * (n_layers - resident) if offloaded and fitted else 0
         parts = {"weights": weights, "draft": draft, "target KV": resident * layer_kv,
                  "retrieval": retrieval_memory(args, context, fitted, chunk_size, dtype_bytes), **extra,
-                 "workspace": workspace}
+                 "mirror": mirror, "workspace": workspace}
         host = (n_layers - resident) * layer_kv if offloaded else 0
         return MemoryPlan(context, n_layers, offloaded, resident, piece, fitted, budget, gpu_bytes, host_bytes,
                           parts, host)
@@ -141,11 +145,10 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                          f"(or true) to keep KV in host memory, or shorten the prompt / max_new_tokens")
 
     # offloading: two staging slots (+ merged-attention scores when a layer comes in pieces) and the
-    # tail mirror a retrieval draft reads every step; then the retrieval budget, then resident layers
+    # mirror a retrieval draft reads every step; then the retrieval budget, then resident layers
     piece = min(transfer_chunk, context + 1)
     chunked = piece < context + 1
-    extra = {"staging": 2 * piece * token_layer + (3 * 4 * SCORE_BLOCK if chunked else 0),
-             "tail mirror": (new_tokens + 2 * gamma + 2 + chunk_size) * token_layer * n_layers if budget else 0}
+    extra = {"staging": 2 * piece * token_layer + (3 * 4 * SCORE_BLOCK if chunked else 0)}
     fitted = budget
     while fitted and plan(True, 0, None, fitted, extra).gpu_needed > gpu_bytes:
         smaller = max(chunk_size, (fitted // 2) // chunk_size * chunk_size)

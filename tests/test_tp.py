@@ -11,11 +11,12 @@ all-reduce changes the logits by O(1) relative, five orders of magnitude above t
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
-import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +177,20 @@ def test_torchrun_cli_prints_once(tmp_path):
     assert data["token_ids"] == want.token_ids
     assert r.stderr.count("tok/s") == 1 and "tp=2" in r.stderr  # one summary line: rank 0's
     assert r.stdout.count(want.text.strip()) == 1  # the streamed text, once
+
+
+def test_bench_tp_smoke(tmp_path):
+    """scripts/bench_tp.py (written for 2 GPUs) runs every part at toy sizes on CPU with gloo."""
+    out = tmp_path / "tp.json"
+    script = Path(__file__).resolve().parents[1] / "scripts/bench_tp.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), "--smoke", f"--out={out}"], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert {"tp2_ar_scaling", "tp2_offload_speedup_vs_offloaded_ar", "tp2_13b_e2e_speedup_vs_ar"} <= set(data["summary"])
+    assert [row["setup"] for row in data["steps"]] == ["1 GPU", "2 GPUs"] * 2
+    assert len(data["offload_e2e"]) == len(data["big_e2e"]) == 5 and "ms" in data["offload_ar_step_1gpu"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs (NCCL)")

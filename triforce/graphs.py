@@ -5,6 +5,11 @@ more than the bytes they read for a 4K-token draft cache. A graph replays them w
 Shapes are static per (tier, tokens per step, rows kept); the caches read their lengths from
 device scalars refreshed by `cache.prepare` before each replay, so no host sync is needed.
 Prefill chunks, odd step sizes and re-selection steps run eagerly.
+
+Under tensor parallelism the graphs contain the model's NCCL all-reduces: a blocking
+`dist.all_reduce` is issued on the current (capturing) stream in PyTorch >= 2.7 (older versions
+join NCCL's own stream by events, which capture too), and the eager prefill has created the
+communicator before the first capture. The engine's decision broadcasts stay outside the graphs.
 """
 from __future__ import annotations
 

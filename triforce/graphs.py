@@ -7,9 +7,9 @@ device scalars refreshed by `cache.prepare` before each replay, so no host sync 
 Prefill chunks, odd step sizes and re-selection steps run eagerly.
 
 Under tensor parallelism the graphs contain the model's NCCL all-reduces: a blocking
-`dist.all_reduce` is issued on the current (capturing) stream in PyTorch >= 2.7 (older versions
-join NCCL's own stream by events, which capture too), and the eager prefill has created the
-communicator before the first capture. The engine's decision broadcasts stay outside the graphs.
+`dist.all_reduce` is issued on the current (capturing) stream in recent PyTorch (pytorch#150398;
+older versions join NCCL's own stream by events, which capture too), and the eager prefill has
+created the communicator before the first capture. The engine's decision broadcasts stay outside.
 """
 from __future__ import annotations
 

@@ -246,6 +246,33 @@ def _tp(group) -> tuple[int, int]:
     return (dist.get_world_size(group), dist.get_rank(group)) if group is not None else (1, 0)
 
 
+def _fuse(module: nn.Module, name: str, linears: list[nn.Linear]) -> None:
+    """Stack the weights (and biases) of `linears` in one buffer `name` (+ `name`_bias) and make each
+    Linear's parameters row views of it: loaders and tensor-parallel slicing still see the
+    transformers names, while a decode step reads all of them in one GEMV (a 4096x4096 GEMV
+    reaches ~60% of H100 bandwidth, a 4096x12288 one ~85%). Call again after `to_empty`."""
+    out = sum(lin.out_features for lin in linears)
+    w = module._buffers.get(name)
+    w = torch.cat([lin.weight.detach() for lin in linears]) if w is None else w
+    if w.shape[0] != out:
+        raise ValueError(f"fused {name} has {w.shape[0]} rows, the projections {out}")
+    module.register_buffer(name, w, persistent=False)
+    has_bias = linears[0].bias is not None
+    if not has_bias:
+        module.register_buffer(name + "_bias", None, persistent=False)
+    else:
+        b = module._buffers.get(name + "_bias")
+        module.register_buffer(name + "_bias", torch.cat([lin.bias.detach() for lin in linears]) if b is None else b,
+                               persistent=False)
+    row = 0
+    for lin in linears:
+        n = lin.out_features
+        lin.weight = nn.Parameter(w[row:row + n], requires_grad=False)
+        if has_bias:
+            lin.bias = nn.Parameter(getattr(module, name + "_bias")[row:row + n], requires_grad=False)
+        row += n
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, tp_group=None):
         super().__init__()
@@ -259,12 +286,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=args.attention_bias)
         self.v_proj = nn.Linear(args.dim, self.n_kv_heads * hd, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, args.dim, bias=False)
+        self.fuse()
+
+    def fuse(self) -> None:
+        _fuse(self, "wqkv", [self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        hd = self.head_dim
+        qkv = F.linear(x, self.wqkv, self.wqkv_bias)
+        q, k, v = qkv.split((self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd), dim=-1)
+        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         out = cache.attend(layer, q, k, v)
         out = self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
         if self.tp_group is not None:
@@ -283,9 +317,14 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(args.dim, inter, bias=False)
         self.up_proj = nn.Linear(args.dim, inter, bias=False)
         self.down_proj = nn.Linear(inter, args.dim, bias=False)
+        self.fuse()
+
+    def fuse(self) -> None:
+        _fuse(self, "w13", [self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        out = self.down_proj(swiglu(gate, up))
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out
@@ -404,6 +443,9 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
     with torch.device("meta"):
         model = Transformer(args, context_length, tp_group)
     model = model.to(dtype).to_empty(device=device)  # never the float32 copy: a 7B would need 27 GB
+    for block in model.layers:  # to_empty allocated each parameter anew: views of the fused buffers again
+        block.self_attn.fuse()
+        block.mlp.fuse()
     model.rotary.inv_freq.copy_(rope_inv_freq(args, model.context_length)[0])
     if args.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

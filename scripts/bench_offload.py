@@ -115,11 +115,11 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=122880)
     ap.add_argument("--gpu-memory-gb", type=float, default=24.0)
     ap.add_argument("--budget", type=int, default=4096, help="retrieval budget asked of the planner")
-    ap.add_argument("--gammas", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--gammas", type=int, nargs="+", default=[24, 32])
     ap.add_argument("--gamma2", type=int, default=4, help="tiny-draft tokens per retrieval verification")
     ap.add_argument("--tiny-acceptance", type=float, default=0.8,
                     help="injected tiny-draft acceptance (measured on SmolLM2: results/cpu_pipelines_smollm2.json)")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=192)
     ap.add_argument("--no-enforce", action="store_true", help="do not cap the allocator at --gpu-memory-gb")
     ap.add_argument("--deadline", type=float, default=1e9, help="seconds after which remaining e2e runs are skipped")
     ap.add_argument("--out", default=None)

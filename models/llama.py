@@ -186,7 +186,9 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(positions, self.inv_freq, self.attention_factor, dtype)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_factor).to(dtype), (emb.sin() * self.attention_factor).to(dtype)
 
 
 def fused(fn):
@@ -208,15 +210,6 @@ def fused(fn):
 
     run.__doc__, run.__name__ = fn.__doc__, fn.__name__
     return run
-
-
-@fused
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, factor: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [T, D] of `positions` (one kernel on CUDA: every step of every cache calls this)."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * factor).to(dtype), (emb.sin() * factor).to(dtype)
 
 
 @fused

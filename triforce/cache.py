@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from triforce.models.llama import Transformer, apply_rope, fused
+from triforce.models.llama import Transformer, apply_rope
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -177,18 +177,6 @@ class FullCache(KVCache):
         return ()
 
 
-@fused
-def streaming_view(slot: torch.Tensor, steps: torch.Tensor, write: torch.Tensor, n_sink: torch.Tensor,
-                   a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A graphed streaming step's view from device scalars, in one kernel on CUDA (the tiny draft's
-    step is a few dozen launches; these were a dozen of them): write slots, the mask over the buffer
-    (sinks, then slots a..b, causal for the new tokens), and in-cache key / query positions."""
-    q_slot = b - steps.shape[0] + steps
-    mask = ((slot < n_sink) | (slot >= a)) & (slot[None, :] <= q_slot[:, None])
-    key_pos = torch.where(slot < n_sink, slot, slot - a + n_sink)
-    return write + steps, mask, key_pos, q_slot - a + n_sink
-
-
 class StreamingCache(KVCache):
     """StreamingLLM: `sinks` first tokens + the `window` most recent ones (Xiao et al., 2023).
 
@@ -256,10 +244,14 @@ class StreamingCache(KVCache):
     def _begin_device(self, n_new: int) -> None:
         """Graph mode: the view as a mask over the whole (small) buffer, positions from device scalars."""
         write, n_sink, a, b = self.view_t
-        self.write_t, self.mask, key_pos, q_pos = streaming_view(self.steps_cap, self.steps[:n_new], write, n_sink, a, b)
+        slot = self.steps_cap
+        self.write_t = write + self.steps[:n_new]
+        q_slot = b - n_new + self.steps[:n_new]
+        self.mask = ((slot < n_sink) | (slot >= a)) & (slot[None, :] <= q_slot[:, None])
         if self.position_shift:
+            key_pos = torch.where(slot < n_sink, slot, slot - a + n_sink)
             self.cos_k, self.sin_k = self.rotary.cos_sin(key_pos, self.dtype)
-            self.cos, self.sin = self.rotary.cos_sin(q_pos, self.dtype)
+            self.cos, self.sin = self.rotary.cos_sin(q_slot - a + n_sink, self.dtype)
         else:
             KVCache.begin(self, n_new)
 

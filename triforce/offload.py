@@ -13,11 +13,11 @@ merges them by log-sum-exp, so a layer's KV never has to fit on the device twice
 K/V go back to host memory (and to the staging slot / the tail mirror). On CPU (the tests) the
 same code runs with synchronous copies.
 
-Readers other than the target (a retrieval draft) use the store API shared with `FullCache`
-once it is wired (see the report of issue 5): `read`/`read_k` (a position range on the device),
-`write` (a draft's speculative tokens), `gather` (selection time only) and `keep_tail(start)`,
-which mirrors positions >= start on the device so a draft's per-step tail reads never touch host
-memory. `k`/`v` stay indexable as `k[layer, :, a:b]` (head-major views of each layer's home) for
+Readers other than the target (a retrieval draft) use the store API shared with `FullCache`:
+`read`/`read_k` (a position range on the device), `write` (a draft's speculative tokens),
+`gather` (selection time only) and `keep_tail(start, front)`, which mirrors positions >= start
+of each offloaded layer on the device behind `front` rows for the draft's selected KV
+(`put_front`), so a draft's steps, CUDA graphs included, never touch host memory. `k`/`v` stay indexable as `k[layer, :, a:b]` (head-major views of each layer's home) for
 code that still reads the store directly; on a GPU those views of offloaded layers are host tensors.
 """
 from __future__ import annotations

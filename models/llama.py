@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -464,15 +465,15 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
                 w = torch.randn(_full_shape(name, p.shape, world), generator=gen, device=device) * std
                 p.data.copy_(_shard(name, w, tp_group))
         return model
-    sd = {k.removeprefix("model."): v for k, v in state_dict.items()}
+    keys = {k.removeprefix("model."): k for k in state_dict}  # values read one at a time (lazy mappings)
     missing = []
     for name, p in model.named_parameters():
-        if name not in sd:
+        if name not in keys:
             if name == "lm_head.weight" and args.tie_word_embeddings:
                 continue
             missing.append(name)
             continue
-        w = _shard(name, sd[name], tp_group)
+        w = _shard(name, state_dict[keys[name]], tp_group)
         if w.shape != p.shape:
             raise ValueError(f"weight {name}: checkpoint shape {tuple(w.shape)} != model shape {tuple(p.shape)}")
         p.data.copy_(w.to(dtype))
@@ -483,8 +484,6 @@ def build_model(args: ModelArgs, state_dict: dict | None, device, dtype: torch.d
 
 def load_hf_dir(path: str | Path, device="cpu", dtype=torch.float32, context_length=None, tp_group=None):
     """Load a local Hugging Face directory (config.json + *.safetensors) as (model, args)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
@@ -494,10 +493,30 @@ def load_hf_dir(path: str | Path, device="cpu", dtype=torch.float32, context_len
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors weights in {path} (convert .bin checkpoints with transformers first)")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    return build_model(args, sd, device, dtype, context_length, tp_group), args
+    return build_model(args, SafetensorsWeights(files), device, dtype, context_length, tp_group), args
+
+
+class SafetensorsWeights(Mapping):
+    """Tensors of *.safetensors files by name, each read from disk when asked for.
+
+    Loading then holds one checkpoint tensor in host memory at a time instead of the whole model
+    (a 7B is 13.5 GB; under tensor parallelism every rank would hold it at once).
+    """
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {k: h for h in self.handles for k in h.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.where[name].get_tensor(name)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
 def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -17,8 +17,9 @@ Readers other than the target (a retrieval draft) use the store API shared with 
 `read`/`read_k` (a position range on the device), `write` (a draft's speculative tokens),
 `gather` (selection time only) and `keep_tail(start, front)`, which mirrors positions >= start
 of each offloaded layer on the device behind `front` rows for the draft's selected KV
-(`put_front`), so a draft's steps, CUDA graphs included, never touch host memory. `k`/`v` stay indexable as `k[layer, :, a:b]` (head-major views of each layer's home) for
-code that still reads the store directly; on a GPU those views of offloaded layers are host tensors.
+(`put_front`), so a draft's steps, CUDA graphs included, never touch host memory. `k`/`v` stay
+indexable as `k[layer, :, a:b]` (head-major views of each layer's home) for code that still
+reads the store directly; on a GPU those views of offloaded layers are host tensors.
 """
 from __future__ import annotations
 
@@ -156,17 +157,15 @@ class OffloadedFullCache(FullCache):
         if self.cuda:
             self.copy_stream.synchronize()
 
-    def _off(self, layer: int) -> int | None:
-        return None if layer < self.resident_layers else layer - self.resident_layers
-
     def offloaded_index(self, layer: int) -> int | None:
         """Index of `layer` among the offloaded layers (None: its KV is on the device)."""
-        return self._off(layer)
+        return None if layer < self.resident_layers else layer - self.resident_layers
 
     def layout_key(self) -> tuple:
-        """What a draft's captured graph bakes in about this store: the mirror buffer and its layout."""
+        """What a draft's captured graph bakes in about this store: the mirror buffer and its layout
+        (where the tail starts is not: graphs read it from the reader's device scalars)."""
         m = self.mirror_k
-        return () if m is None else (m.data_ptr(), m.shape[1], self.front, self.tail_start)
+        return () if m is None else (m.data_ptr(), m.shape[1], self.front)
 
     # ------------------------------------------------------------------------------ copies
     def _issue(self) -> None:
@@ -174,7 +173,7 @@ class OffloadedFullCache(FullCache):
         j = self.issued
         layer, a, b = self.pieces[j]
         i, n = j % 2, b - a
-        src_k, src_v = self.host_k[self._off(layer), a:b], self.host_v[self._off(layer), a:b]
+        src_k, src_v = self.host_k[self.offloaded_index(layer), a:b], self.host_v[self.offloaded_index(layer), a:b]
         if self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[i])
@@ -250,7 +249,7 @@ class OffloadedFullCache(FullCache):
     def attend(self, layer, q, k, v):
         q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
         s, e = self.length, self.length + q.shape[2]
-        j = self._off(layer)
+        j = self.offloaded_index(layer)
         if j is None:  # resident: exactly FullCache
             self.dev_k[layer, :, s:e] = k[0]
             self.dev_v[layer, :, s:e] = v[0]
@@ -308,7 +307,7 @@ class OffloadedFullCache(FullCache):
         return self._read(layer, a, b, False)[0]
 
     def _read(self, layer: int, a: int, b: int, values: bool):
-        j = self._off(layer)
+        j = self.offloaded_index(layer)
         if j is None:
             return self.dev_k[layer, :, a:b], self.dev_v[layer, :, a:b] if values else None
         ts = self.tail_start
@@ -330,7 +329,7 @@ class OffloadedFullCache(FullCache):
 
         Host memory stays the complete copy; the tail mirror gets the part it covers.
         """
-        j = self._off(layer)
+        j = self.offloaded_index(layer)
         if j is None:
             self.dev_k[layer, :, pos:pos + k.shape[1]] = k
             self.dev_v[layer, :, pos:pos + k.shape[1]] = v
@@ -339,7 +338,7 @@ class OffloadedFullCache(FullCache):
 
     def gather(self, layer: int, idx: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         """out_k/out_v [KVH, n, D] <- positions idx [KVH, n] of `layer` (selection time: may read host memory)."""
-        j = self._off(layer)
+        j = self.offloaded_index(layer)
         if j is None:
             i = idx[..., None].expand(-1, -1, self.head_dim)
             torch.gather(self.dev_k[layer], 1, i, out=out_k)
@@ -381,7 +380,7 @@ class OffloadedFullCache(FullCache):
 
     def put_front(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """A draft's selected KV [KVH, n, D] of `layer` into the mirror's front rows (offloaded layers only)."""
-        j = self._off(layer)
+        j = self.offloaded_index(layer)
         if j is not None:
             self.mirror_k[j, :k.shape[1]] = k.transpose(0, 1)
             self.mirror_v[j, :v.shape[1]] = v.transpose(0, 1)

@@ -29,7 +29,7 @@ import torch
 from bench_speed import DT, LLAMA2_7B, LLAMA_68M, copy_bandwidth, cuda_time
 from triforce.cache import RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
-from triforce.graphs import GraphedModel
+from triforce.graphs import GraphedModel, graph_sizes
 from triforce.models.llama import build_model
 from triforce.offload import OffloadedFullCache
 from triforce.planner import GiB, host_available_bytes, plan_memory
@@ -244,16 +244,12 @@ def e2e_injected(args, model, tiny, full, ctx: int, budget: int, save, out: dict
 
     graphs: dict[tuple, GraphedModel] = {}
 
-    def graphed(model_, cache, size):
-        key = (id(cache), size)
-        if key not in graphs:
-            graphs[key] = GraphedModel(model_, cache, {size} if size else {1, 2})
-        return graphs[key]
-
     def run(label, tiers, inject, gamma, n_new, warm):
         for level, t in enumerate(tiers):
             if level:
-                t.graphed = graphed(t.model, t.cache, 0 if level == len(tiers) - 1 else t.gamma + 1)
+                sizes = graph_sizes(tiers, level)
+                key = (id(t.cache), tuple(sorted(sizes)))
+                t.graphed = graphs.setdefault(key, GraphedModel(t.model, t.cache, sizes))
         eng = SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance=inject)
         eng._prefill = fake_prefill(eng)
         if warm:

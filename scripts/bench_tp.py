@@ -43,7 +43,7 @@ from bench_offload import adopt_random, host_bandwidth
 from bench_speed import LLAMA2_7B, LLAMA_68M, copy_bandwidth, cuda_time
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
-from triforce.graphs import GraphedModel
+from triforce.graphs import GraphedModel, graph_sizes
 from triforce.models.llama import ModelArgs, build_model
 from triforce.offload import OffloadedFullCache
 from triforce.planner import GiB, host_available_bytes, plan_memory
@@ -208,7 +208,7 @@ def e2e(run: Run, model, tiny, full, ctx: int, budget: int, gammas: list[int], r
     def go(label, tiers, inject, gamma, n_new):
         if graphs and run.cuda:
             for level, t in enumerate(tiers):
-                sizes = {1, 2} if level == len(tiers) - 1 else {t.gamma + 1}
+                sizes = graph_sizes(tiers, level)
                 key = (id(t.cache), tuple(sorted(sizes)))
                 t.graphed = graphed.setdefault(key, GraphedModel(t.model, t.cache, sizes))
         eng = SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance=inject, group=run.group)

@@ -11,7 +11,7 @@ import pytest
 
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
-from triforce.graphs import GraphedModel
+from triforce.graphs import GraphedModel, graph_sizes
 from triforce.models.llama import ModelArgs, build_model
 from triforce.offload import OffloadedFullCache
 
@@ -37,8 +37,7 @@ def pipeline(target, tiny, n, graphs: bool, offloaded: bool = False):
              Tier("tiny", tiny, StreamingCache(tiny, 2, 12, slack=16, max_forward=64))]
     if graphs:
         for level, t in enumerate(tiers):
-            sizes = {1, 2} if level == 2 else {t.gamma + 1}
-            t.graphed = GraphedModel(t.model, t.cache, sizes, capture=CAPTURE)
+            t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level), capture=CAPTURE)
     return tiers
 
 

@@ -53,10 +53,17 @@ class Tier:
     stats: TierStats = field(default_factory=TierStats)
     graphed: object = None  # a triforce.graphs.GraphedModel replaying this tier's steps, or None
 
-    def forward(self, tokens: torch.Tensor, last: int) -> torch.Tensor:
+    def distributions(self, tokens: torch.Tensor, last: int, temperature: float, top_p: float,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Feed `tokens`; processed distributions of the last `last` positions (None when 0) and,
+        with a generator, a token drawn from the last one. Graphed when a graph fits the step."""
         if self.graphed is not None and self.graphed.usable(tokens.shape[1], last):
-            return self.graphed(tokens, last)
-        return self.model(tokens, self.cache, last=last)
+            return self.graphed.distributions(tokens, last, temperature, top_p, generator)
+        logits = self.model(tokens, self.cache, last=last)
+        if not last:
+            return None, None
+        p = process_logits(logits[0], temperature, top_p)
+        return p, (sample(p[-1:], generator)[0] if generator is not None else None)
 
 
 class SpeculativeEngine:
@@ -83,8 +90,9 @@ class SpeculativeEngine:
         self.src = dist.get_global_rank(group, 0) if group is not None else 0
 
     # -------------------------------------------------------------------------------- one forward
-    def _distributions(self, level: int, n_rows: int) -> torch.Tensor:
-        """Tier `level`'s processed distributions for the last `n_rows` positions of the sequence.
+    def _distributions(self, level: int, n_rows: int, draw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tier `level`'s processed distributions for the last `n_rows` positions of the sequence,
+        and with `draw` a token sampled from the last of them.
 
         Feeds every token the tier's cache lacks (the prefill too, in chunks); rows come back for
         positions seq_len - n_rows + 1 .. seq_len, i.e. predictions of the tokens after them.
@@ -97,19 +105,20 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         start = cache.length
         tier.stats.tokens_forwarded += self.seq_len - start
-        logits = None
+        rows, token = [], None
         while start < self.seq_len:
             end = min(self.seq_len, start + self.prefill_chunk)
             keep = max(0, n_rows - (self.seq_len - end))
-            out = tier.forward(self.seq[None, start:end], keep)
+            gen = self.generator if draw and end == self.seq_len else None
+            p, token = tier.distributions(self.seq[None, start:end], keep, self.temperature, self.top_p, gen)
             if keep:
-                logits = out[0] if logits is None else torch.cat((logits, out[0]))
+                rows.append(p)
             start = end
         if self.sync_timing:
             torch.cuda.synchronize()
         tier.stats.seconds += time.perf_counter() - t0
         tier.stats.forwards += 1
-        return process_logits(logits, self.temperature, self.top_p)
+        return (rows[0] if len(rows) == 1 else torch.cat(rows)), token
 
     def _append(self, tokens: torch.Tensor) -> None:
         n = tokens.numel()
@@ -129,23 +138,23 @@ class SpeculativeEngine:
         """
         tier = self.tiers[level]
         start0 = self.seq_len
-        toks, dists = [], []
-        produced = 0
-        while produced < n:
+        dists = []
+        while self.seq_len - start0 < n:
             tier.cache.begin_round()
+            start = self.seq_len
             if level == len(self.tiers) - 1:
-                p = self._distributions(level, 1)
-                new, rows = self._agree(sample(p, self.generator)), p
-                self._append(new)
+                p, token = self._distributions(level, 1, draw=True)
+                self._append(self._agree(token[None]))
+                dists.append(p)
             else:
-                start = self.seq_len
                 g = tier.gamma
                 draft, q = self._propose(level + 1, g)
-                p = self._distributions(level, g + 1)
-                n_acc, nxt = speculative_verify(draft, q, p, self.generator)
+                p, _ = self._distributions(level, g + 1)
                 if level in self.injected_acceptance:
                     n_acc = self._injected(level, g)
                     nxt = sample(p[n_acc][None], self.generator)[0]
+                else:
+                    n_acc, nxt = speculative_verify(draft, q, p, self.generator)
                 if self.group is not None:
                     verdict = self._agree(torch.stack((torch.tensor(n_acc, device=nxt.device), nxt)))
                     n_acc, nxt = int(verdict[0]), verdict[1]
@@ -154,19 +163,17 @@ class SpeculativeEngine:
                 tier.stats.rounds += 1
                 self.seq_len = start + n_acc
                 self._invalidate(level, start + n_acc)
-                new, rows = torch.cat((draft[:n_acc], nxt[None])), p[:n_acc + 1]
                 self._append(nxt[None])
-            toks.append(new)
-            dists.append(rows)
-            produced += new.numel()
-            if on_tokens is not None and on_tokens(new):
+                dists.append(p[:n_acc + 1])
+            if on_tokens is not None and on_tokens(self.seq[start:self.seq_len]):
                 break
-        toks, dists = torch.cat(toks), torch.cat(dists)
-        if produced > n:  # a round overshot: keep the first n (still exactly distributed)
-            toks, dists = toks[:n], dists[:n]
+        dists = dists[0] if len(dists) == 1 else torch.cat(dists)
+        if self.seq_len - start0 > n:  # a round overshot: keep the first n (still exactly distributed)
+            dists = dists[:n]
             self.seq_len = start0 + n
             self._invalidate(level, start0 + n)
-        return toks, dists
+        # the tokens are the sequence's own: valid until the caller appends past them
+        return self.seq[start0:self.seq_len], dists
 
     def _agree(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` on every tensor-parallel rank (in place; a no-op without a group).

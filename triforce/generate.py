@@ -251,11 +251,10 @@ class Generator:
                                     max_forward=max(cfg.prefill_chunk, d.gamma + 1), position_shift=d.position_shift)
             tiers.append(Tier("tiny", self.draft, stream))
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            from triforce.graphs import GraphedModel
+            from triforce.graphs import GraphedModel, graph_sizes
 
             for level, t in enumerate(tiers):
-                sizes = {1, 2} if level == len(tiers) - 1 else {t.gamma + 1}
-                t.graphed = GraphedModel(t.model, t.cache, sizes)
+                t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
         self._tiers = tiers
         return tiers
 

@@ -1,7 +1,12 @@
+import os
+
 import pytest
 import torch
 
-from triforce.models.llama import embedded_gguf, resolve_checkpoint
+if not torch.cuda.is_available():  # one mode for the whole session, set before anything imports triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from triforce.models.llama import embedded_gguf, resolve_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

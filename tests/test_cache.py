@@ -65,12 +65,33 @@ def test_streaming_view_is_sinks_plus_window(model):
 
 
 @torch.inference_mode()
-def test_streaming_position_shift_uses_cache_positions(model):
-    cache = StreamingCache(model, sinks=1, window=3, slack=2, max_forward=4, position_shift=True)
-    for _ in range(10):
-        model(torch.randint(0, 50, (1, 1)), cache)
-    cache.begin(1)
-    assert cache.cos.shape[0] == 1 and cache.cos_k.shape[0] == 1 + 3 + 1  # positions 0..4 inside the cache
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_streaming_position_shift_uses_cache_positions(model, sinks):
+    """Slot-rotated keys + re-rotated sinks give StreamingLLM's in-cache positions exactly: sinks at
+    0.., the window right after them, the query last; through compactions and a rollback."""
+    window = 5
+    cache = StreamingCache(model, sinks=sinks, window=window, slack=4, max_forward=8, position_shift=True)
+    cache.n_layers = 1
+    keys, vals = [], []  # un-rotated
+    step, rolled_back = 0, False
+    while step < 40:
+        q, k, v = qkv(1, d=model.args.head_dim, seed=step)
+        cache.begin(1)
+        out = cache.attend(0, q, k, v)
+        cache.advance(1)
+        if step == 25 and not rolled_back:  # roll back one token within the slack and redo it
+            cache.truncate(25)
+            rolled_back = True
+            continue
+        keys.append(k[0, :, 0]), vals.append(v[0, :, 0])
+        seen = sorted(set(range(min(sinks, step + 1))) | set(range(max(sinks, step - window), step + 1)))
+        pos = torch.arange(len(seen))  # positions inside the cache
+        cos, sin = model.rotary.cos_sin(pos, torch.float32)
+        rot = apply_rope(torch.stack([keys[i] for i in seen], 1), cos, sin)
+        want = reference(q, rot, torch.stack([vals[i] for i in seen], 1), pos[-1:], model.rotary)
+        assert torch.allclose(out, want, atol=1e-5), step
+        step += 1
+    assert cache.capacity < 40 and cache.start > sinks  # it really compacted
 
 
 @torch.inference_mode()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from triforce.models.llama import Transformer, apply_rope
+from triforce.models.llama import Transformer, apply_rope, rope_qk
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -140,7 +140,7 @@ class FullCache(KVCache):
             self.end_t = self.pos_t[-1:] + 1
 
     def attend(self, layer, q, k, v):
-        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        q, k = rope_qk(q, k, self.cos, self.sin)
         if self.graph_mode:
             self.k[layer].index_copy_(1, self.pos_t, k[0])
             self.v[layer].index_copy_(1, self.pos_t, v[0])
@@ -180,9 +180,13 @@ class FullCache(KVCache):
 class StreamingCache(KVCache):
     """StreamingLLM: `sinks` first tokens + the `window` most recent ones (Xiao et al., 2023).
 
-    With `position_shift` (the paper's choice) keys are stored un-rotated and RoPE uses positions
-    inside the cache, so a small draft never sees positions beyond its training window. `slack`
-    extra recent tokens are kept so a rejected speculation can be rolled back.
+    With `position_shift` (the paper's choice) RoPE uses positions inside the cache, so a small
+    draft never sees positions beyond its training window. Only relative positions matter to
+    RoPE, so keys are stored rotated by their *slot* and queries by theirs: a recent token's key
+    is rotated once, when written, and never again. Only the sinks move relative to the window;
+    they are kept un-rotated (`sink_k`) and re-rotated (sinks x layers rows) at each forward.
+    `slack` extra recent tokens are kept so a rejected speculation can be rolled back; when the
+    buffer is full the recent tokens are compacted to the front (and re-rotated by the shift).
     """
 
     graph_ready = True
@@ -198,9 +202,17 @@ class StreamingCache(KVCache):
         shape = (self.n_layers, self.n_kv_heads, self.capacity, self.head_dim)
         self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.sink_k = torch.zeros(self.n_layers, self.n_kv_heads, sinks, self.head_dim, dtype=self.dtype,
+                                  device=self.device)
+        # cos/sin of every slot (and of the sinks' shifted positions): a step gathers rows, computes none
+        self.rope_table = torch.stack(self.rotary.cos_sin(torch.arange(self.capacity + sinks, device=self.device),
+                                                          self.dtype))
+        self.sink_pos = torch.arange(sinks, device=self.device)
+        self.sink_idx = self.sink_pos.int().expand(self.n_kv_heads, -1).contiguous()  # the attention's chunk list
+        # the host's view of the next step, read by its graph: write slot, view start, keys, sink shift
+        self.write_slot_t, self.view_start_t, self.n_keys_t, self.shift_t = (
+            torch.zeros((), dtype=torch.int32, device=self.device) for _ in range(4))
         self.start = sinks  # sequence position held in slot `sinks` (first kept recent token)
-        self.view_t = [torch.zeros((), dtype=torch.int32, device=self.device) for _ in range(4)]
-        self.steps_cap = torch.arange(self.capacity, device=self.device)
 
     def reset(self) -> None:
         super().reset()
@@ -209,11 +221,17 @@ class StreamingCache(KVCache):
     def _slot(self, pos: int) -> int:
         return pos if pos < self.sinks else self.sinks + pos - self.start
 
+    def can_replay(self, n_new: int) -> bool:
+        return self.length >= self.sinks  # the graph assumes every sink is in place
+
     def prepare(self, n_new: int) -> None:
         self._place(n_new)
-        super().prepare(n_new)
-        for t, x in zip(self.view_t, (self._slot(self.length),) + self.view):
+        n_sink, a, b = self.view
+        for t, x in zip((self.write_slot_t, self.view_start_t, self.n_keys_t, self.shift_t),
+                        (self._slot(self.length), a, n_sink + b - a, a - n_sink)):
             t.fill_(x)
+        if not self.position_shift:
+            super().prepare(n_new)
 
     def _place(self, n_new: int) -> None:
         """Host side: compact when full, then place the view (sinks + recent window + new)."""
@@ -222,53 +240,58 @@ class StreamingCache(KVCache):
         if self._slot(self.length) + n_new > self.capacity:  # compact: drop the oldest recent tokens
             keep = max(self.start, self.length - self.window - self.slack)
             a, b = self._slot(keep), self._slot(self.length)
-            self.k[:, :, self.sinks:self.sinks + b - a] = self.k[:, :, a:b].clone()
+            moved = self.k[:, :, a:b]
+            if self.position_shift:  # slot-rotated keys move by a - sinks slots
+                cos, sin = self.rotary.cos_sin(torch.tensor([self.sinks - a], device=self.device), self.dtype)
+                moved = apply_rope(moved, cos, sin)
+            self.k[:, :, self.sinks:self.sinks + b - a] = moved.clone()
             self.v[:, :, self.sinks:self.sinks + b - a] = self.v[:, :, a:b].clone()
             self.start = keep
         end = self.length + n_new
         lo = min(max(self.start, end - n_new - self.window, self.sinks), end)
         self.view = (min(self.sinks, end), self._slot(lo), self._slot(end))
 
+    def _rotate_sinks(self, shift) -> None:
+        """Sinks at positions shift + i, i.e. just before the window in the cache's own positions."""
+        if self.position_shift and self.sinks:
+            cs = self.rope_table[:, shift + self.sink_pos]
+            self.k[:, :, :self.sinks] = apply_rope(self.sink_k, cs[0], cs[1])
+
     def begin(self, n_new: int) -> None:
         if self.graph_mode:
             return self._begin_device(n_new)
         self._place(n_new)
-        n_view = self.view[0] + self.view[2] - self.view[1]
+        n_sink, a, b = self.view
+        if self.length >= self.sinks:
+            self._rotate_sinks(a - n_sink)
         if self.position_shift:
-            pos = torch.arange(n_view, device=self.device)
-            self.cos_k, self.sin_k = self.rotary.cos_sin(pos, self.dtype)
-            self.cos, self.sin = self.cos_k[n_view - n_new:], self.sin_k[n_view - n_new:]
+            cs = self.rope_table[:, b - n_new:b]
+            self.cos, self.sin = cs[0], cs[1]
         else:
             super().begin(n_new)
 
     def _begin_device(self, n_new: int) -> None:
-        """Graph mode: the view as a mask over the whole (small) buffer, positions from device scalars."""
-        write, n_sink, a, b = self.view_t
-        slot = self.steps_cap
-        self.write_t = write + self.steps[:n_new]
-        q_slot = b - n_new + self.steps[:n_new]
-        self.mask = ((slot < n_sink) | (slot >= a)) & (slot[None, :] <= q_slot[:, None])
+        """Graph mode: slots and the view's start from device scalars, cos/sin gathered from the table."""
+        self.write_t = self.write_slot_t + self.steps[:n_new]
+        self.max_keys = self.sinks + self.window + n_new
+        self._rotate_sinks(self.shift_t)
         if self.position_shift:
-            key_pos = torch.where(slot < n_sink, slot, slot - a + n_sink)
-            self.cos_k, self.sin_k = self.rotary.cos_sin(key_pos, self.dtype)
-            self.cos, self.sin = self.rotary.cos_sin(q_slot - a + n_sink, self.dtype)
+            cs = self.rope_table[:, self.write_t]
+            self.cos, self.sin = cs[0], cs[1]
         else:
             KVCache.begin(self, n_new)
 
     def attend(self, layer, q, k, v):
+        s = self._slot(self.length)
+        if not self.graph_mode and s < self.sinks:  # the sinks' un-rotated keys, re-rotated as the window moves
+            n = min(self.sinks, s + k.shape[2]) - s
+            self.sink_k[layer, :, s:s + n] = k[0, :, :n]
+        q, k = rope_qk(q, k, self.cos, self.sin)
         if self.graph_mode:
-            q = apply_rope(q, self.cos, self.sin)
-            if not self.position_shift:
-                k = apply_rope(k, self.cos, self.sin)
             self.k[layer].index_copy_(1, self.write_t, k[0])
             self.v[layer].index_copy_(1, self.write_t, v[0])
-            keys = apply_rope(self.k[layer], self.cos_k, self.sin_k) if self.position_shift else self.k[layer]
-            return F.scaled_dot_product_attention(q, keys[None], self.v[layer][None], attn_mask=self.mask,
-                                                  enable_gqa=q.shape[1] != keys.shape[0])
-        q = apply_rope(q, self.cos, self.sin)
-        if not self.position_shift:
-            k = apply_rope(k, self.cos, self.sin)
-        s = self._slot(self.length)
+            return device_attention(q, self.k[layer], self.v[layer], self.n_keys_t, self.max_keys,
+                                    self.view_start_t, self.sink_idx if self.sinks else None)
         self.k[layer, :, s:s + k.shape[2]] = k[0]
         self.v[layer, :, s:s + k.shape[2]] = v[0]
         n_sink, a, b = self.view
@@ -277,8 +300,6 @@ class StreamingCache(KVCache):
         else:
             keys = torch.cat((self.k[layer, :, :n_sink], self.k[layer, :, a:b]), dim=1)
             vals = torch.cat((self.v[layer, :, :n_sink], self.v[layer, :, a:b]), dim=1)
-        if self.position_shift:
-            keys = apply_rope(keys, self.cos_k, self.sin_k)
         return attention(q, keys, vals)
 
     def truncate(self, length: int) -> None:
@@ -414,7 +435,7 @@ class SelectionCache(KVCache):
         raise NotImplementedError
 
     def attend(self, layer, q, k, v):
-        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        q, k = rope_qk(q, k, self.cos, self.sin)
         if self.graph_mode:
             return self._attend_device(layer, q, k, v)
         s, e = self.length, self.length + q.shape[2]
@@ -462,7 +483,7 @@ class RetrievalCache(SelectionCache):
         for lo in range(self.n_summarized[layer], n_chunks, 1024):  # 1024 chunks per read: bounded workspace
             hi = min(n_chunks, lo + 1024)
             keys = self.full.read_k(layer, lo * c, hi * c)
-            self.summaries[layer, :, lo:hi] = keys.unflatten(1, (hi - lo, c)).float().mean(2).to(self.dtype)
+            self.summaries[layer, :, lo:hi] = keys.unflatten(1, (hi - lo, c)).mean(2, dtype=torch.float32).to(self.dtype)
         self.n_summarized[layer] = max(self.n_summarized[layer], n_chunks)
         group = q.shape[1] // self.n_kv_heads
         query = q[0, :, -1].float().view(self.n_kv_heads, group, -1).sum(1)  # [KVH, D]

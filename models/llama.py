@@ -209,7 +209,7 @@ def fused(fn):
             compiled = torch.compile(fn, dynamic=True)
         return compiled(*args)
 
-    run.__doc__, run.__name__ = fn.__doc__, fn.__name__
+    run.__doc__, run.__name__, run.__wrapped__ = fn.__doc__, fn.__name__, fn
     return run
 
 
@@ -222,10 +222,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @fused
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rope` of q and k in one call (one kernel where their shapes match, e.g. MHA)."""
+    return apply_rope.__wrapped__(q, cos, sin), apply_rope.__wrapped__(k, cos, sin)
+
+
+@fused
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
+
+
+@fused
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm after it, in one pass: (x + delta, its normed copy)."""
+    x = x + delta
+    return x, rms_norm.__wrapped__(x, weight, eps)
 
 
 @fused
@@ -339,9 +352,13 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cache, layer)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, cache, layer: int, next_norm: RMSNorm
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x is the residual stream, h = input_layernorm(x). Returns the new x and next_norm(x):
+        each residual add runs fused with the norm that follows it (one kernel, not two)."""
+        x, h = add_rms_norm(x, self.self_attn(h, cache, layer), self.post_attention_layernorm.weight,
+                            self.post_attention_layernorm.eps)
+        return add_rms_norm(x, self.mlp(h), next_norm.weight, next_norm.eps)
 
 
 class Transformer(nn.Module):
@@ -385,12 +402,14 @@ class Transformer(nn.Module):
         """
         cache.begin(tokens.shape[1])
         x = self.embed_tokens(tokens)
+        h = self.layers[0].input_layernorm(x)
         for i, block in enumerate(self.layers):
-            x = block(x, cache, i)
+            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            x, h = block(x, h, cache, i, nxt)
         cache.advance(tokens.shape[1])
         if last is not None:
-            x = x[:, x.shape[1] - last:]
-        return self.lm_head(self.norm(x)).float()
+            h = h[:, h.shape[1] - last:]
+        return self.lm_head(h).float()
 
     def layer_subset(self, keep: list[int]) -> "Transformer":
         """A layer-skipping self-draft: blocks `keep` with the shared embedding, norm and head.

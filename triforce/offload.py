@@ -28,7 +28,7 @@ import math
 import torch
 
 from triforce.cache import FullCache, KVCache, attention
-from triforce.models.llama import Transformer, apply_rope
+from triforce.models.llama import Transformer, rope_qk
 
 SCORE_BLOCK = 1 << 24  # float32 attention scores a merged (chunked) attention step materialises at once
 
@@ -247,7 +247,7 @@ class OffloadedFullCache(FullCache):
             self._issue()
 
     def attend(self, layer, q, k, v):
-        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        q, k = rope_qk(q, k, self.cos, self.sin)
         s, e = self.length, self.length + q.shape[2]
         j = self.offloaded_index(layer)
         if j is None:  # resident: exactly FullCache

@@ -20,7 +20,7 @@ import math
 import torch
 
 from triforce.cache import FullCache, SelectionCache
-from triforce.models.llama import Transformer, apply_rope
+from triforce.models.llama import Transformer, rope_qk
 
 
 class _ChannelRecorder(FullCache):
@@ -33,7 +33,7 @@ class _ChannelRecorder(FullCache):
         self.k_abs = torch.zeros(shape, device=self.device)
 
     def attend(self, layer, q, k, v):
-        rq, rk = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        rq, rk = rope_qk(q, k, self.cos, self.sin)
         g = q.shape[1] // self.n_kv_heads
         self.q_abs[layer] += rq[0].float().abs().unflatten(0, (self.n_kv_heads, g)).sum((1, 2))
         self.k_abs[layer] += rk[0].float().abs().sum(1)

@@ -137,11 +137,13 @@ class SqueezeMixin(HookedSelection):
         return self.sel_k[layer, :, :n], self.sel_v[layer, :, :n]
 
 
-def _record(ref, layer: int, args: tuple, out: torch.Tensor) -> None:
+def _record(ref, layer: int, args: tuple, out: tuple) -> None:
+    """Hook on Block.forward(x, h, cache, layer, next_norm) -> (x, next h): compares the residual
+    stream before and after the block, for forwards over the target's own cache."""
     self = ref()
-    if self is None or self.selections or len(args) < 2 or args[1] is not self.full:
+    if self is None or self.selections or len(args) < 3 or args[2] is not self.full:
         return
-    cos = F.cosine_similarity(args[0].float(), out.float(), dim=-1)
+    cos = F.cosine_similarity(args[0].float(), out[0].float(), dim=-1)
     self.sim_sum[layer] += float(cos.sum())
     self.sim_count[layer] += cos.numel()
 

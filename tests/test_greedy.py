@@ -13,7 +13,7 @@ PROSE = ("It was the best of times, it was the worst of times, it was the age of
 
 @pytest.fixture(scope="module")
 def generators():
-    common = [f"dtype={os.environ.get('TRIFORCE_TEST_DTYPE', 'auto')}", "temperature=0", "cache.budget=128", "cache.chunk_size=8", "gamma=5", "draft.gamma=3",
+    common = [f"dtype={os.environ.get('TRIFORCE_TEST_DTYPE', 'float32')}", "temperature=0", "cache.budget=128", "cache.chunk_size=8", "gamma=5", "draft.gamma=3",
               "draft.sinks=4", "draft.window=60", "prefill_chunk=256"]
     gens = {p: triforce.load(f"pipeline={p}", *common) for p in ("autoregressive", "retrieval", "triforce")}
     # target KV in (pinned) host memory, streamed per target forward; on a GPU the planner keeps

@@ -82,7 +82,7 @@ def _worker(rank: int, port: int, out: str, device: str) -> None:
             res[f"logits_{name}_state_dict"] = logits(
                 build_model(args, single.state_dict(), "cpu", torch.float32, tp_group=group).eval())
         try:  # a config that differs on one rank
-            triforce.load(*TINY, "tp=2", f"cache.budget={32 if rank == 0 else 16}")
+            triforce.load(*TINY, *common, "tp=2", f"cache.budget={32 if rank == 0 else 16}")
         except ValueError as e:
             res["config_mismatch"] = str(e)
         try:  # a generate() call that differs on one rank
@@ -144,15 +144,15 @@ def test_tp_sizes_are_checked_before_any_process_group(monkeypatch):
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match="torchrun --nproc_per_node=2"):
-        triforce.load("+model=tiny-random", "tp=2")
+        triforce.load("+model=tiny-random", "device=cpu", "tp=2")
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     # tiny-random has 4 heads and 2 KV heads: 3 ranks cannot split them (no MASTER_ADDR: a group would fail)
     with pytest.raises(ValueError, match=r"n_kv_heads=2, .* not divisible by 3; use tp in \[1, 2\]"):
-        triforce.load("+model=tiny-random")
+        triforce.load("+model=tiny-random", "device=cpu")
     with pytest.raises(ValueError, match="started 3 processes"):
-        triforce.load("+model=tiny-random", "tp=2")
+        triforce.load("+model=tiny-random", "device=cpu", "tp=2")
     assert not dist.is_initialized()
 
 
@@ -167,13 +167,13 @@ def test_torchrun_cli_prints_once(tmp_path):
     prompt.write_text(PROMPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "-m", "triforce.generate", "+model=tiny-random", "tp=2", "temperature=0", "max_new_tokens=8",
+                        "-m", "triforce.generate", "+model=tiny-random", "device=cpu", "tp=2", "temperature=0", "max_new_tokens=8",
                         f"prompt_file={prompt}", f"output_json={out}"],
                        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["stats"]["tp"] == 2 and data["config"]["tp"] == 2
-    want = triforce.load("+model=tiny-random", "temperature=0", "max_new_tokens=8").generate(PROMPT)
+    want = triforce.load("+model=tiny-random", "device=cpu", "temperature=0", "max_new_tokens=8").generate(PROMPT)
     assert data["token_ids"] == want.token_ids
     assert r.stderr.count("tok/s") == 1 and "tp=2" in r.stderr  # one summary line: rank 0's
     assert r.stdout.count(want.text.strip()) == 1  # the streamed text, once

@@ -28,8 +28,11 @@ class TierStats:
     forwards: int = 0
     tokens_forwarded: int = 0
     seconds: float = 0.0
+    events: list = field(default_factory=list)  # (start, end) CUDA events per forward (gpu_timing)
 
     def summary(self, generated: int) -> dict:
+        if self.events:  # the caller synchronised once; each pair spans one forward on the GPU's clock
+            self.seconds = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
         return {
             "proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds,
             "acceptance_rate": self.accepted / self.proposed if self.proposed else None,
@@ -69,7 +72,7 @@ class Tier:
 class SpeculativeEngine:
     def __init__(self, tiers: list[Tier], temperature: float, top_p: float, prefill_chunk: int = 512,
                  sync_timing: bool = False, injected_acceptance: dict[int, float] | None = None,
-                 group: dist.ProcessGroup | None = None):
+                 group: dist.ProcessGroup | None = None, gpu_timing: bool = False):
         if not tiers:
             raise ValueError("the engine needs at least the target tier")
         for t in tiers[:-1]:
@@ -78,6 +81,9 @@ class SpeculativeEngine:
         self.tiers, self.temperature, self.top_p = tiers, temperature, top_p
         self.prefill_chunk = prefill_chunk
         self.sync_timing = sync_timing  # synchronise the GPU around each forward for exact per-tier times
+        # or time each forward between CUDA events read once at the end: the same per-tier times
+        # without a host sync per forward (what the CLI uses on GPU)
+        self.gpu_timing = gpu_timing and not sync_timing and torch.cuda.is_available() and self.device.type == "cuda"
         self.device = tiers[0].model.device
         # BENCHMARK ONLY: {level: rate} replaces that tier's accept/reject decisions by independent
         # coin flips with the given per-token acceptance (random weights accept nothing). The
@@ -103,6 +109,9 @@ class SpeculativeEngine:
         if self.sync_timing:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
+        if self.gpu_timing:
+            ev0 = torch.cuda.Event(enable_timing=True)
+            ev0.record()
         start = cache.length
         tier.stats.tokens_forwarded += self.seq_len - start
         rows, token = [], None
@@ -116,6 +125,10 @@ class SpeculativeEngine:
             start = end
         if self.sync_timing:
             torch.cuda.synchronize()
+        if self.gpu_timing:
+            ev1 = torch.cuda.Event(enable_timing=True)
+            ev1.record()
+            tier.stats.events.append((ev0, ev1))
         tier.stats.seconds += time.perf_counter() - t0
         tier.stats.forwards += 1
         return (rows[0] if len(rows) == 1 else torch.cat(rows)), token
@@ -242,9 +255,11 @@ class SpeculativeEngine:
             for start in tqdm(chunks, desc=f"prefill {tier.name}", disable=not progress or len(chunks) < 8, leave=False):
                 end = min(n, start + self.prefill_chunk)
                 tier.model(self.seq[None, start:end], tier.cache, last=0)
-        if self.sync_timing:
+        if self.sync_timing or self.gpu_timing:
             torch.cuda.synchronize()
         self.prefill_seconds = time.perf_counter() - t0
 
     def stats(self, generated: int) -> dict:
+        if self.gpu_timing:
+            torch.cuda.synchronize()
         return {t.name: t.stats.summary(generated) for t in self.tiers}

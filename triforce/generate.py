@@ -290,7 +290,7 @@ class Generator:
             plan = self.plan = self.plan_memory(capacity, max_new_tokens)
             log.info(plan.describe())
         engine = SpeculativeEngine(self.tiers(capacity, len(ids), plan), temperature, top_p, cfg.prefill_chunk,
-                                   sync_timing=self.device.type == "cuda", group=self.group)
+                                   gpu_timing=True, group=self.group)
         stop = self.stop_ids
         printed = [0]
         out: list[int] = []

@@ -164,7 +164,7 @@ def run_pipeline(gen: Generator, shared: SharedPrefill, spec: dict, n_tiers: int
     if n_tiers == 3:
         tiers.append(Tier("tiny", gen.draft, shared.tiny))
     engine = SharedPrefillEngine(tiers, shared, temperature=spec["temperature"], top_p=gen.cfg.top_p,
-                                 prefill_chunk=gen.cfg.prefill_chunk, sync_timing=gen.device.type == "cuda")
+                                 prefill_chunk=gen.cfg.prefill_chunk, gpu_timing=True)
     t0 = time.perf_counter()
     # no stop ids: every run measures max_new_tokens tokens, so runs compare like for like
     out = engine.generate(shared.ids, spec["max_new_tokens"], None, spec["seed"])

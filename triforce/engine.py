@@ -83,7 +83,7 @@ class SpeculativeEngine:
         self.sync_timing = sync_timing  # synchronise the GPU around each forward for exact per-tier times
         # or time each forward between CUDA events read once at the end: the same per-tier times
         # without a host sync per forward (what the CLI uses on GPU)
-        self.gpu_timing = gpu_timing and not sync_timing and torch.cuda.is_available() and self.device.type == "cuda"
+        self.gpu_timing = gpu_timing and not sync_timing and tiers[0].model.device.type == "cuda"
         self.device = tiers[0].model.device
         # BENCHMARK ONLY: {level: rate} replaces that tier's accept/reject decisions by independent
         # coin flips with the given per-token acceptance (random weights accept nothing). The

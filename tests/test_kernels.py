@@ -15,6 +15,7 @@ if not CUDA:
 from triforce.kernels import _common  # noqa: E402
 from triforce.kernels.chunk_topk import (chunk_scores, chunk_scores_reference, chunk_summaries,  # noqa: E402
                                          chunk_summaries_reference, select_chunks, select_chunks_reference)
+from triforce.kernels.gemv import gemv, gemv_reference, gemv_triton  # noqa: E402
 from triforce.kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                                decode_attention_triton)
 from triforce.kernels.sparse_attention import (bottom_right_sdpa, chunk_positions, sparse_attention,  # noqa: E402
@@ -206,3 +207,27 @@ def test_gpu_chunk_selection(dtype):
     got, want = select_chunks(q, summ, 512), select_chunks_reference(q, summ, 512)
     overlap = torch.stack([torch.isin(got[h], want[h]) for h in range(8)]).float().mean()
     assert overlap > 0.99 and (got[:, 0] == 0).all()  # fp32 sum order may swap near-ties at the cut
+
+
+# ---------------------------------------------------------------- GEMV (decode-step weight reads)
+
+@needs_triton
+@pytest.mark.parametrize("m,n,k", [(1, 40, 300), (5, 33, 520), (16, 64, 512), (3, 1, 17)])
+def test_gemv_matches_linear(m, n, k):
+    """Edge shapes: rows 1 (FMA path) and 3-16 (tl.dot path), N and K not multiples of the blocks."""
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    x, w = rand(m, k, gen=gen), rand(n, k, gen=gen)
+    torch.testing.assert_close(gemv_triton(x, w), gemv_reference(x, w), **(TOL if m == 1 else dict(atol=2e-2, rtol=2e-2)))
+    with pytest.raises(ValueError, match="gemv_triton takes"):
+        gemv_triton(rand(17, k, gen=gen), w)
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_gpu_gemv_bf16(m):
+    gen = torch.Generator().manual_seed(m)
+    x, w = rand(2, m, 4096, dtype=torch.bfloat16, gen=gen)[0], rand(22016, 4096, dtype=torch.bfloat16, gen=gen)
+    want = gemv_reference(x.float(), w.float())
+    torch.testing.assert_close(gemv(x[None], w)[0].float(), want, atol=0.5, rtol=2e-2)  # bf16 output of K=4096 sums
+    assert gemv(x.float(), w.float()).dtype == torch.float32  # float32 stays on cuBLAS

@@ -16,6 +16,7 @@ from triforce.kernels import _common  # noqa: E402
 from triforce.kernels.chunk_topk import (chunk_scores, chunk_scores_reference, chunk_summaries,  # noqa: E402
                                          chunk_summaries_reference, select_chunks, select_chunks_reference)
 from triforce.kernels.gemv import gemv, gemv_reference, gemv_triton  # noqa: E402
+from triforce.kernels.rope_write import rope_write, rope_write_reference  # noqa: E402
 from triforce.kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                                decode_attention_triton)
 from triforce.kernels.sparse_attention import (bottom_right_sdpa, chunk_positions, sparse_attention,  # noqa: E402
@@ -231,3 +232,45 @@ def test_gpu_gemv_bf16(m):
     want = gemv_reference(x.float(), w.float())
     torch.testing.assert_close(gemv(x[None], w)[0].float(), want, atol=0.5, rtol=2e-2)  # bf16 output of K=4096 sums
     assert gemv(x.float(), w.float()).dtype == torch.float32  # float32 stays on cuBLAS
+
+
+# ---------------------------------------------------------------- RoPE + KV-store write (graph-mode steps)
+
+def rope_write_case(h, kvh, d, t, s, dtype=torch.float32, seed=0):
+    """q/k/v as the model hands them over: strided [1, heads, T, D] views of one fused qkv row."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = rand(1, t, (h + 2 * kvh) * d, dtype=dtype, gen=gen)
+    q, k, v = qkv.split((h * d, kvh * d, kvh * d), -1)
+    q, k, v = (x.view(1, t, -1, d).transpose(1, 2) for x in (q, k, v))
+    ang = rand(t, d // 2, gen=gen) * 3
+    cos, sin = (torch.cat((f(ang), f(ang)), -1).to(dtype) for f in (torch.cos, torch.sin))
+    store = rand(2, kvh, s, d, dtype=dtype, gen=gen)
+    idx = torch.randperm(s, generator=gen)[:t].to(DEV)  # scattered rows, as a rolled-back step writes
+    return q, k, v, cos, sin, store, idx
+
+
+@needs_triton
+@pytest.mark.parametrize("h,kvh,d,t,s", [(4, 4, 16, 1, 9), (4, 2, 32, 3, 20), (9, 3, 64, 5, 12), (2, 1, 128, 17, 40)])
+def test_rope_write_matches_reference(h, kvh, d, t, s):
+    """MHA and GQA, 1 to 17 tokens, head_dim 16-128; rows outside idx must stay untouched."""
+    q, k, v, cos, sin, store, idx = rope_write_case(h, kvh, d, t, s, seed=h * t)
+    want_store = store.clone()
+    want_q = rope_write_reference(q, k, v, cos, sin, want_store[0], want_store[1], idx)
+    got_q = rope_write(q, k, v, cos, sin, store[0], store[1], idx)
+    torch.testing.assert_close(got_q, want_q, **TOL)
+    torch.testing.assert_close(store, want_store, **TOL)
+    with pytest.raises(ValueError, match="do not match"):
+        rope_write(q, k, v, cos, sin, store[0], store[1], idx[:-1] if t > 1 else idx.repeat(2))
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_rope_write_low_precision(dtype):
+    """7B shapes in bf16/fp16: the kernel rounds once, the reference (fp32 inputs) never."""
+    q, k, v, cos, sin, store, idx = rope_write_case(32, 32, 128, 13, 4096, dtype=dtype, seed=3)
+    ref = [x.float() for x in (q, k, v, cos, sin, store)]
+    want_q = rope_write_reference(*ref[:5], ref[5][0], ref[5][1], idx)
+    got_q = rope_write(q, k, v, cos, sin, store[0], store[1], idx)
+    torch.testing.assert_close(got_q.float(), want_q, **LOW[dtype])
+    torch.testing.assert_close(store.float(), ref[5], **LOW[dtype])

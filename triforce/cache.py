@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from triforce.kernels.rope_write import rope_write
 from triforce.models.llama import Transformer, apply_rope, rope_qk
 
 
@@ -140,11 +141,10 @@ class FullCache(KVCache):
             self.end_t = self.pos_t[-1:] + 1
 
     def attend(self, layer, q, k, v):
-        q, k = rope_qk(q, k, self.cos, self.sin)
         if self.graph_mode:
-            self.k[layer].index_copy_(1, self.pos_t, k[0])
-            self.v[layer].index_copy_(1, self.pos_t, v[0])
+            q = rope_write(q, k, v, self.cos, self.sin, self.k[layer], self.v[layer], self.pos_t)
             return device_attention(q, self.k[layer], self.v[layer], self.end_t, self.max_length, self.zero_t)
+        q, k = rope_qk(q, k, self.cos, self.sin)
         s, e = self.length, self.length + q.shape[2]
         self.k[layer, :, s:e] = k[0]
         self.v[layer, :, s:e] = v[0]
@@ -286,12 +286,11 @@ class StreamingCache(KVCache):
         if not self.graph_mode and s < self.sinks:  # the sinks' un-rotated keys, re-rotated as the window moves
             n = min(self.sinks, s + k.shape[2]) - s
             self.sink_k[layer, :, s:s + n] = k[0, :, :n]
-        q, k = rope_qk(q, k, self.cos, self.sin)
         if self.graph_mode:
-            self.k[layer].index_copy_(1, self.write_t, k[0])
-            self.v[layer].index_copy_(1, self.write_t, v[0])
+            q = rope_write(q, k, v, self.cos, self.sin, self.k[layer], self.v[layer], self.write_t)
             return device_attention(q, self.k[layer], self.v[layer], self.n_keys_t, self.max_keys,
                                     self.view_start_t, self.sink_idx if self.sinks else None)
+        q, k = rope_qk(q, k, self.cos, self.sin)
         self.k[layer, :, s:s + k.shape[2]] = k[0]
         self.v[layer, :, s:s + k.shape[2]] = v[0]
         n_sink, a, b = self.view
@@ -405,9 +404,9 @@ class SelectionCache(KVCache):
         return self.sel_k[layer], self.sel_v[layer]
 
     def _attend_device(self, layer, q, k, v):
-        """Graph mode: in-place write (verified positions diverted to the store's scratch slot),
-        then split-K attention reading the store in place. An offloaded store's host layers are
-        read from its device mirror instead: [selected KV | tail since the boundary | scratch]."""
+        """Graph mode: RoPE and in-place write (verified positions diverted to the store's scratch
+        slot), then split-K attention reading the store in place. An offloaded store's host layers
+        are read from its device mirror instead: [selected KV | tail since the boundary | scratch]."""
         full = self.full
         if full.device_resident:
             store_k, store_v = full.k[layer], full.v[layer]
@@ -415,13 +414,11 @@ class SelectionCache(KVCache):
             j = full.offloaded_index(layer)
             if j is not None:
                 mk, mv = full.mirror(j)
-                mk.index_copy_(1, self.mirror_w_t, k[0])
-                mv.index_copy_(1, self.mirror_w_t, v[0])
+                q = rope_write(q, k, v, self.cos, self.sin, mk, mv, self.mirror_w_t)
                 return device_attention(q, mk, mv, self.n_keys_t, self.max_keys,
                                         self.front_t if self.full_view else self.zero_t)
             store_k, store_v = full.dev_k[layer], full.dev_v[layer]  # not full.k: that syncs host writes
-        store_k.index_copy_(1, self.write_t, k[0])
-        store_v.index_copy_(1, self.write_t, v[0])
+        q = rope_write(q, k, v, self.cos, self.sin, store_k, store_v, self.write_t)
         if self.full_view:
             return device_attention(q, store_k, store_v, self.n_keys_t, full.max_length, self.zero_t)
         return device_attention(q, store_k, store_v, self.n_keys_t, self.max_keys, self.boundary_t, self.sel_idx[layer])
@@ -435,9 +432,9 @@ class SelectionCache(KVCache):
         raise NotImplementedError
 
     def attend(self, layer, q, k, v):
-        q, k = rope_qk(q, k, self.cos, self.sin)
         if self.graph_mode:
             return self._attend_device(layer, q, k, v)
+        q, k = rope_qk(q, k, self.cos, self.sin)
         s, e = self.length, self.length + q.shape[2]
         w = max(s, self.full.length)  # never overwrite KV the target has verified
         if w < e:

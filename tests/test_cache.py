@@ -139,3 +139,30 @@ def test_retrieval_reselect_intervals(model):
         ret.truncate(99)
     with pytest.raises(ValueError, match="reselect"):
         RetrievalCache(full, model, budget=16, reselect="sometimes")
+
+
+class _InPlaceRetrieval(RetrievalCache):
+    """What RetrievalCache does over a resident store on the GPU: no copies, reads via sel_idx."""
+    keeps_copies = False
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("reselect", ["once", "round"])
+def test_retrieval_without_copies_or_stored_summaries_matches(model, reselect):
+    """The GPU layout (selection read in place, summaries not kept under reselect=once) gives the
+    same logits as gathered copies, through a selection step and later steps."""
+    ids = torch.randint(0, 50, (1, 80))
+    logits = []
+    for cls in (RetrievalCache, _InPlaceRetrieval):
+        full = FullCache(model, 128)
+        model(ids[:, :70], full)
+        ret = cls(full, model, budget=16, chunk_size=4, reselect=reselect)
+        assert (ret.summaries is None) == (reselect == "once")
+        ret.adopt_prefix(70)
+        out = []
+        for i in range(70, 78):
+            ret.begin_round()
+            out.append(model(ids[:, i:i + 1], ret)[0, -1])
+        assert (ret.sel_k is None) == (cls is _InPlaceRetrieval) and not ret.full_view
+        logits.append(torch.stack(out))
+    torch.testing.assert_close(logits[1], logits[0])

@@ -163,11 +163,11 @@ class FullCache(KVCache):
         self.k[layer, :, pos:pos + k.shape[1]] = k
         self.v[layer, :, pos:pos + k.shape[1]] = v
 
-    def gather(self, layer: int, idx: torch.Tensor, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
-        """out_k/out_v [KVH, n, D] <- positions idx [KVH, n] of `layer` (selection time)."""
+    def gather(self, layer: int, idx: torch.Tensor, out_k: torch.Tensor | None = None,
+               out_v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V [KVH, n, D] of positions idx [KVH, n] of `layer` (into out_k/out_v when given)."""
         i = idx[..., None].expand(-1, -1, self.head_dim)
-        torch.gather(self.k[layer], 1, i, out=out_k)
-        torch.gather(self.v[layer], 1, i, out=out_v)
+        return torch.gather(self.k[layer], 1, i, out=out_k), torch.gather(self.v[layer], 1, i, out=out_v)
 
     def keep_tail(self, start: int, front: int = 0) -> None:
         """A reader will touch positions >= start every step (an offloaded store mirrors them on the device)."""
@@ -338,9 +338,7 @@ class SelectionCache(KVCache):
             raise ValueError(f"reselect must be 'once', 'round' or a positive token count, got {reselect!r}")
         self.full, self.chunk, self.reselect = full, chunk_size, reselect
         self.budget = (budget // chunk_size) * chunk_size
-        self.sel_k = torch.zeros(self.n_layers, self.n_kv_heads, self.budget, self.head_dim,
-                                 dtype=self.dtype, device=self.device)
-        self.sel_v = torch.zeros_like(self.sel_k)
+        self.sel_k = self.sel_v = None  # copies of the selected KV, allocated at the first selection if needed
         self.front_t = torch.full((), self.budget, dtype=torch.int32, device=self.device)
         self.reset()
 
@@ -396,11 +394,21 @@ class SelectionCache(KVCache):
             self.selections += 1
         super().advance(n_new)
 
+    @property
+    def keeps_copies(self) -> bool:
+        """Whether a selection is gathered into copies (sel_k/sel_v). Not for a graph-ready policy
+        over a store resident on the GPU: its graphs read the store in place through `sel_idx`, and
+        the rare eager step gathers on the fly, which saves budget x KV-per-token (2 GiB for a 7B
+        model at 4K) for a longer context. On CPU every step is eager, so the copies stay."""
+        return not (self.graph_ready and self.full.device_resident and self.device.type == "cuda")
+
     def post_gather(self, layer: int) -> None:
         """Hook after a selection is gathered into sel_k/sel_v (e.g. to quantize the copies)."""
 
     def selected_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The selected prefix KV this layer attends to (policies may slice per-layer budgets)."""
+        if self.sel_k is None:
+            return self.full.gather(layer, self.sel_idx[layer].long())
         return self.sel_k[layer], self.sel_v[layer]
 
     def _attend_device(self, layer, q, k, v):
@@ -445,11 +453,16 @@ class SelectionCache(KVCache):
             pos = self.choose(layer, q)
             if self.graph_ready:  # what the graph path reads in place
                 self.sel_idx[layer] = pos
-            n = pos.shape[1]
-            self.full.gather(layer, pos, self.sel_k[layer, :, :n], self.sel_v[layer, :, :n])
-            self.post_gather(layer)
-            if self.graph_ready and not self.full.device_resident:  # graphs read offloaded layers' copies
-                self.full.put_front(layer, *self.selected_kv(layer))
+            if self.keeps_copies:
+                if self.sel_k is None or self.sel_k.shape[2] < self.budget:
+                    self.sel_k = torch.zeros(self.n_layers, self.n_kv_heads, self.budget, self.head_dim,
+                                             dtype=self.dtype, device=self.device)
+                    self.sel_v = torch.zeros_like(self.sel_k)
+                n = pos.shape[1]
+                self.full.gather(layer, pos, self.sel_k[layer, :, :n], self.sel_v[layer, :, :n])
+                self.post_gather(layer)
+                if self.graph_ready and not self.full.device_resident:  # graphs read offloaded layers' copies
+                    self.full.put_front(layer, *self.selected_kv(layer))
         sel_k, sel_v = self.selected_kv(layer)
         tail_k, tail_v = self.full.read(layer, self.boundary, e)
         return attention(q, torch.cat((sel_k, tail_k), dim=1), torch.cat((sel_v, tail_v), dim=1))
@@ -461,29 +474,42 @@ class RetrievalCache(SelectionCache):
     The prefix is cut into `chunk_size`-token chunks, each summarised by its mean (rotated) key.
     Per layer and KV head, the chunks whose summary scores highest against the current query
     (summed over the query heads of the GQA group) fill the budget; chunk 0 (the attention sink)
-    is always kept. Summaries of verified chunks never change, so each is computed once.
+    is always kept. Summaries of verified chunks never change: when the cache re-selects
+    (`reselect` "round" or N) each is computed once and stored (1/(2 chunk_size) of the KV);
+    with "once" every chunk is scored once per prompt, so nothing is stored.
     """
 
     def __init__(self, full: FullCache, model: Transformer, budget: int, chunk_size: int = 8,
                  reselect: str | int = "once"):
-        self.summaries = torch.zeros(model.args.n_layers, model.n_kv_heads, full.max_length // chunk_size,
-                                     model.args.head_dim, dtype=model.dtype, device=model.device)
         super().__init__(full, model, budget, chunk_size, reselect)
+        self.summaries = None if reselect == "once" else torch.zeros(
+            self.n_layers, self.n_kv_heads, full.max_length // chunk_size, self.head_dim,
+            dtype=self.dtype, device=self.device)
 
     def reset(self) -> None:
         super().reset()
         self.n_summarized = [0] * self.n_layers
 
+    def _summaries(self, layer: int, lo: int, hi: int) -> torch.Tensor:
+        keys = self.full.read_k(layer, lo * self.chunk, hi * self.chunk)
+        return keys.unflatten(1, (hi - lo, self.chunk)).mean(2, dtype=torch.float32).to(self.dtype)
+
     def chunk_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Scores [KVH, n_chunks] of the chunks below the boundary against the last query."""
-        n_chunks, c = self.boundary // self.chunk, self.chunk
-        for lo in range(self.n_summarized[layer], n_chunks, 1024):  # 1024 chunks per read: bounded workspace
-            hi = min(n_chunks, lo + 1024)
-            keys = self.full.read_k(layer, lo * c, hi * c)
-            self.summaries[layer, :, lo:hi] = keys.unflatten(1, (hi - lo, c)).mean(2, dtype=torch.float32).to(self.dtype)
-        self.n_summarized[layer] = max(self.n_summarized[layer], n_chunks)
+        n_chunks = self.boundary // self.chunk
         group = q.shape[1] // self.n_kv_heads
         query = q[0, :, -1].float().view(self.n_kv_heads, group, -1).sum(1)  # [KVH, D]
+        blocks = [(lo, min(n_chunks, lo + 1024)) for lo in range(0, n_chunks, 1024)]  # bounded workspace
+        if self.summaries is None:
+            scores = torch.empty(self.n_kv_heads, n_chunks, device=self.device)
+            for lo, hi in blocks:
+                scores[:, lo:hi] = torch.einsum("hd,hcd->hc", query, self._summaries(layer, lo, hi).float())
+            return scores
+        for lo, hi in blocks:
+            if hi > self.n_summarized[layer]:
+                lo = max(lo, self.n_summarized[layer])
+                self.summaries[layer, :, lo:hi] = self._summaries(layer, lo, hi)
+        self.n_summarized[layer] = max(self.n_summarized[layer], n_chunks)
         return torch.einsum("hd,hcd->hc", query, self.summaries[layer, :, :n_chunks].float())
 
     def choose(self, layer, q):

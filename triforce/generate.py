@@ -195,7 +195,12 @@ class Generator:
             str(cfg.get("offload", "auto")).lower(),
             chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
             draft_cache_tokens=d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1),
-            draft_owns_weights=self.draft is not None and self.draft.embed_tokens is not self.model.embed_tokens)
+            draft_owns_weights=self.draft is not None and self.draft.embed_tokens is not self.model.embed_tokens,
+            # what RetrievalCache / SelectionCache.keeps_copies allocate (graph-ready: not squeeze_*, no kv_bits)
+            selection_copies=not (cfg.cuda_graphs and not cfg.cache.get("kv_bits")
+                                  and not str(cfg.cache.policy).startswith("squeeze")),
+            chunk_summaries=str(cfg.cache.policy).endswith("quest") or (
+                str(cfg.cache.policy).endswith("retrieval") and str(cfg.cache.get("reselect", "once")) != "once"))
 
     def _check_memory(self, needed: int, what: str) -> None:
         free, _ = torch.cuda.mem_get_info(self.device)

@@ -71,14 +71,17 @@ def weight_memory(args: ModelArgs, dtype_bytes: int) -> int:
     return args.weight_bytes(dtype_bytes) + (0 if args.tie_word_embeddings else args.vocab_size * args.dim * dtype_bytes)
 
 
-def retrieval_memory(args: ModelArgs, context: int, budget: int, chunk_size: int, dtype_bytes: int) -> int:
-    """Selected KV + chunk summaries (one mean key per chunk) + selection indices, all layers."""
+def retrieval_memory(args: ModelArgs, context: int, budget: int, chunk_size: int, dtype_bytes: int,
+                     copies: bool = True, summaries: bool = True) -> int:
+    """Selection indices + copies of the selected KV (`copies`) + stored chunk summaries, one mean
+    key per chunk (`summaries`), all layers. A graph-ready draft over a resident store reads it in
+    place (no copies); one that selects once per prompt stores no summaries."""
     if not budget:
         return 0
-    selected = budget * args.kv_bytes_per_token(dtype_bytes)
-    summaries = (context // chunk_size) * args.kv_bytes_per_token(dtype_bytes) // 2
+    selected = budget * args.kv_bytes_per_token(dtype_bytes) if copies else 0
+    stored = (context // chunk_size) * args.kv_bytes_per_token(dtype_bytes) // 2 if summaries else 0
     indices = args.n_layers * args.n_kv_heads * budget * 4
-    return selected + summaries + indices
+    return selected + stored + indices
 
 
 def _mode(offload: str | bool) -> str:
@@ -92,7 +95,8 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                 dtype_bytes: int, gpu_bytes: int, host_bytes: int, offload: str | bool = "auto", *,
                 chunk_size: int = 8, prefill_chunk: int = 512, new_tokens: int = 256,
                 draft_cache_tokens: int = 1600, draft_owns_weights: bool = True,
-                transfer_chunk: int = 16384, max_resident: int | None = None) -> MemoryPlan:
+                transfer_chunk: int = 16384, max_resident: int | None = None,
+                selection_copies: bool = True, chunk_summaries: bool = True) -> MemoryPlan:
     """Fit a run of `context` tokens into `gpu_bytes` of GPU and `host_bytes` of pinned host memory.
 
     offload: "false" (all KV on the GPU or refuse), "true" (offloaded cache, at least one layer
@@ -100,7 +104,10 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     the pipeline has no retrieval tier). draft_args: the tiny draft (its weights count unless
     `draft_owns_weights` is False, as for a layer-subset self-draft; its streaming cache holds
     `draft_cache_tokens`). new_tokens: generated tokens, for the tail mirror a retrieval draft
-    reads every step. Raises ValueError naming the GiB needed and available and what to change.
+    reads every step. selection_copies: the draft copies its selected KV even over a resident
+    store (False for a graph-ready policy on the GPU; an offloaded store always needs them);
+    chunk_summaries: it stores chunk summaries (retrieval with reselect != "once", Quest).
+    Raises ValueError naming the GiB needed and available and what to change.
     """
     mode = _mode(offload)
     if context < 1 or gpu_bytes <= 0:
@@ -130,7 +137,8 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
         # per offloaded layer, the device mirror a graphed retrieval draft reads: its selected KV + the tail
         mirror = (fitted + tail_tokens) * token_layer * (n_layers - resident) if offloaded and fitted else 0
         parts = {"weights": weights, "draft": draft, "target KV": resident * layer_kv,
-                 "retrieval": retrieval_memory(args, context, fitted, chunk_size, dtype_bytes), **extra,
+                 "retrieval": retrieval_memory(args, context, fitted, chunk_size, dtype_bytes,
+                                               offloaded or selection_copies, chunk_summaries), **extra,
                  "mirror": mirror, "workspace": workspace}
         host = (n_layers - resident) * layer_kv if offloaded else 0
         return MemoryPlan(context, n_layers, offloaded, resident, piece, fitted, budget, gpu_bytes, host_bytes,
@@ -153,11 +161,14 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     while fitted and plan(True, 0, None, fitted, extra).gpu_needed > gpu_bytes:
         smaller = max(chunk_size, (fitted // 2) // chunk_size * chunk_size)
         if smaller == fitted:
+            least = plan(True, 0, None, fitted, extra)
             summaries = (context // chunk_size) * args.kv_bytes_per_token(dtype_bytes) // 2
+            what = (f"retrieval chunk summaries {gib(summaries)}" if chunk_summaries
+                    else f"retrieval draft {gib(least.gpu_parts['retrieval'])}")
             raise ValueError(
                 f"even with the whole target KV in host memory, {context} tokens need "
-                f"{gib(plan(True, 0, None, fitted, extra).gpu_needed)} GiB of GPU memory (weights {gib(weights)}, "
-                f"retrieval chunk summaries {gib(summaries)}) but {gib(gpu_bytes)} GiB is available: raise "
+                f"{gib(least.gpu_needed)} GiB of GPU memory (weights {gib(weights)}, "
+                f"{what}) but {gib(gpu_bytes)} GiB is available: raise "
                 f"cache.chunk_size, shorten the prompt, or use a bigger GPU")
         fitted = smaller
     spare = gpu_bytes - plan(True, 0, None, fitted, extra).gpu_needed

@@ -25,9 +25,10 @@ from triforce.models.llama import Transformer
 class QuestPolicy(RetrievalCache):
     def __init__(self, full: FullCache, model: Transformer, budget: int, chunk_size: int = 8,
                  reselect: str | int = "once"):
-        self.kmax = torch.zeros(model.args.n_layers, model.n_kv_heads, full.max_length // chunk_size,
-                                model.args.head_dim, dtype=model.dtype, device=model.device)
         super().__init__(full, model, budget, chunk_size, reselect)
+        shape = (model.args.n_layers, model.n_kv_heads, full.max_length // chunk_size, model.args.head_dim)
+        self.summaries = torch.zeros(shape, dtype=model.dtype, device=model.device)  # per-channel min
+        self.kmax = torch.zeros_like(self.summaries)
 
     def chunk_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         n_chunks, c = self.boundary // self.chunk, self.chunk

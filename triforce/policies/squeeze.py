@@ -113,9 +113,8 @@ class SqueezeMixin(HookedSelection):
             self.budgets = ([self.nominal] * self.n_layers if sim is None else
                             layer_budgets(sim, self.nominal, self.chunk, self.squeeze_p, self.squeeze_groups))
             self.budget = max(self.budgets)
-            if self.sel_k.shape[2] != self.budget:
-                self.sel_k = self.sel_k.new_zeros(self.n_layers, self.n_kv_heads, self.budget, self.head_dim)
-                self.sel_v = torch.zeros_like(self.sel_k)
+            if self.sel_k is not None and self.sel_k.shape[2] != self.budget:
+                self.sel_k = self.sel_v = None  # reallocated at this budget by the selection
         if self.selecting:
             self.full_view = self.budget >= self.boundary
 

@@ -1,9 +1,13 @@
 """Decode-step GEMV: y = x @ W^T for a few rows of x (M <= 16) against a large weight.
 
 A decode or verify step reads every weight once for 1-16 tokens, so the matmul is a GEMV bound by
-the weight's bytes. On the H100, cuBLAS reads the fused gate/up weight (22016 x 4096) at 2.54 TB/s;
-this kernel, one program per BLOCK_N output rows streaming their full K, reads it at 2.91 TB/s
-(scripts/bench_kernels.py). The model uses it only where it was measured to win (`FeedForward`).
+the weight's bytes. One program per BLOCK_N output rows streams their full K. Measured on the
+H100 (bf16, weights rotated out of L2, one token; .diag sweep in the speed-bench notes), against
+cuBLAS: fused q/k/v 12288x4096 2.86 vs 2.64 TB/s, o 4096x4096 2.51 vs 2.05, gate/up 22016x4096
+2.95 vs 2.52, down 4096x11008 2.69 vs 2.52, LM head 32000x4096 3.05 vs 2.71; small models'
+shapes (768-6144 rows) also win at one token. With 7 tokens the 7B q/k/v is ~3% slower than
+cuBLAS and small models' gate/up 5-20% (microseconds), every other shape faster, so the model uses
+it for every projection of a decode/verify step: one rule, not a table per shape.
 """
 from __future__ import annotations
 
@@ -54,19 +58,19 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"gemv_triton takes x [<= {MAX_ROWS}, K] and w [N, K] with contiguous rows, "
                          f"got {tuple(x.shape)} and {tuple(w.shape)}")
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # measured best on the H100 for 22016 x 4096 (bf16): one row / several rows
-    block_n, warps, dot = (16, 8, False) if m == 1 else (32, 4, True)
+    # best of a sweep on the H100 over the 7B shapes (bf16): one row (FMA) / several rows (tl.dot)
+    block_n, warps, block_k, dot = (8, 8, 1024, False) if m == 1 else (32, 4, 512, True)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-                                             BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=512, DOT=dot,
+                                             BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot,
                                              num_stages=3, num_warps=warps)
     return y
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """F.linear(x, w) for x [..., K]: the Triton GEMV for <= 16 rows of bf16/fp16 on CUDA (where it was
-    measured), cuBLAS otherwise (float32 keeps cuBLAS: tl.dot would round through TF32)."""
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias) for x [..., K]: the Triton GEMV for <= 16 rows of bf16/fp16 on CUDA without
+    a bias (where it was measured), cuBLAS otherwise (float32 keeps cuBLAS: tl.dot rounds via TF32)."""
     rows = x.numel() // x.shape[-1]
-    if (rows <= MAX_ROWS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and use_triton(x, w)
-            and w.stride(-1) == 1):
+    if (bias is None and rows <= MAX_ROWS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and use_triton(x, w) and w.stride(-1) == 1):
         return gemv_triton(x.reshape(rows, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
-    return gemv_reference(x, w)
+    return F.linear(x, w, bias)

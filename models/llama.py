@@ -310,13 +310,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.head_dim
-        qkv = F.linear(x, self.wqkv, self.wqkv_bias)
+        qkv = gemv(x, self.wqkv, self.wqkv_bias)
         q, k, v = qkv.split((self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd), dim=-1)
         q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         out = cache.attend(layer, q, k, v)
-        out = self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        out = gemv(out.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out
@@ -339,8 +339,8 @@ class FeedForward(nn.Module):
         _fuse(self, "w13", [self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = gemv(x, self.w13).chunk(2, dim=-1)  # the step's largest read: our GEMV beats cuBLAS there
-        out = self.down_proj(swiglu(gate, up))
+        gate, up = gemv(x, self.w13).chunk(2, dim=-1)
+        out = gemv(swiglu(gate, up), self.down_proj.weight)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out
@@ -411,7 +411,7 @@ class Transformer(nn.Module):
         cache.advance(tokens.shape[1])
         if last is not None:
             h = h[:, h.shape[1] - last:]
-        return self.lm_head(h).float()
+        return gemv(h, self.lm_head.weight).float()
 
     def layer_subset(self, keep: list[int]) -> "Transformer":
         """A layer-skipping self-draft: blocks `keep` with the shared embedding, norm and head.

@@ -93,10 +93,10 @@ def part1(args, out: dict) -> None:
     gc.collect()
     torch.cuda.empty_cache()  # building the fused weights leaves freed blocks cached
     free = torch.cuda.mem_get_info()[0]
-    # the KV that fits beside the weights, the tiny draft, graph pools and workspace (4 GiB): the
+    # the KV that fits beside the weights, the tiny draft, graph pools and workspace (6 GiB): the
     # retrieval draft itself holds only its indices (it reads the store in place, scores chunks
     # without storing summaries); the e2e run's cache takes 320 more tokens
-    longest = min(int((free - 4 * 2**30) / kvtok) - 320, a.max_position_embeddings - 320) // 1024 * 1024
+    longest = min(int((free - 6 * 2**30) / kvtok) - 320, a.max_position_embeddings - 320) // 1024 * 1024
     contexts = [c if c else longest for c in args.contexts]
     out["longest_context"] = longest
     rows = []

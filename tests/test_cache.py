@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
+from triforce.lookup import LookupCache, PromptLookup
 from triforce.models.llama import ModelArgs, apply_rope, build_model
 
 
@@ -166,3 +167,25 @@ def test_retrieval_without_copies_or_stored_summaries_matches(model, reselect):
         assert (ret.sel_k is None) == (cls is _InPlaceRetrieval) and not ret.full_view
         logits.append(torch.stack(out))
     torch.testing.assert_close(logits[1], logits[0])
+
+
+@pytest.mark.parametrize("hist,want", [
+    ([5, 6, 7, 8, 1, 5, 6, 7], 8),  # the 3-gram (5, 6, 7) occurred before: what followed it
+    ([5, 6, 7, 9, 7, 3, 5, 6, 7], 9),  # the longest match wins over a more recent shorter one (7 -> 3)
+    ([1, 2, 1, 3, 1], 3),  # equal lengths: the most recent occurrence
+    ([1, 2, 3], 3),  # no earlier occurrence: the last token again
+    ([4], 4),
+])
+def test_prompt_lookup_proposes_the_continuation_of_the_longest_recent_match(hist, want):
+    assert int(PromptLookup(10).propose(torch.tensor(hist))) == want
+
+
+def test_prompt_lookup_as_a_model_records_history_and_returns_one_hot_logits():
+    look, cache = PromptLookup(10), LookupCache(16, "cpu")
+    assert look(torch.tensor([[1, 2, 3, 1, 2]]), cache, last=0).shape == (1, 0, 10)
+    logits = look(torch.tensor([[3]]), cache, last=1)  # ... 1 2 3 1 2 3 -> 1
+    assert cache.length == 6 and logits.argmax(-1).item() == 1 and torch.isinf(logits).sum() == 9
+    cache.truncate(4)
+    assert look(torch.tensor([[9]]), cache, last=1).argmax(-1).item() == 9  # 1 2 3 1 9: nothing matches
+    with pytest.raises(ValueError, match="exceed"):
+        look(torch.zeros(1, 12, dtype=torch.long), cache, last=0)

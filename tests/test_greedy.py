@@ -19,6 +19,7 @@ def generators():
     # target KV in (pinned) host memory, streamed per target forward; on a GPU the planner keeps
     # some layers resident and the retrieval tier runs graphs over the store's device mirror
     gens["triforce_offloaded"] = triforce.load("pipeline=triforce", "offload=true", *common)
+    gens["triforce_lookup"] = triforce.load("+model=smollm2-135m", "model.draft_path=lookup", "pipeline=triforce", *common)
     return gens
 
 
@@ -33,7 +34,7 @@ def prompts(gen):
     }
 
 
-@pytest.mark.parametrize("pipeline", ["retrieval", "triforce", "triforce_offloaded"])
+@pytest.mark.parametrize("pipeline", ["retrieval", "triforce", "triforce_offloaded", "triforce_lookup"])
 def test_greedy_equals_autoregressive(generators, pipeline):
     ar, spec = generators["autoregressive"], generators[pipeline]
     for name, ids in prompts(ar).items():

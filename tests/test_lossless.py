@@ -15,6 +15,7 @@ import torch
 import triforce.engine as engine_mod
 from triforce.cache import FullCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
+from triforce.lookup import LookupCache, PromptLookup
 from triforce.models.llama import ModelArgs, build_model
 from triforce.policies import make_policy
 from triforce.sampling import process_logits, sample
@@ -43,10 +44,12 @@ def setup():
 def tiers(target, tiny, pipeline, policy="retrieval"):
     full = FullCache(target, PROMPT + 32)
     out = [Tier("target", target, full, gamma=3)]
-    if pipeline in ("retrieval", "triforce"):
+    if pipeline in ("retrieval", "triforce", "triforce_lookup"):
         out.append(Tier(policy, target, make_policy(policy, full, target, 8, 4, "once"), gamma=2))
     if pipeline == "triforce":
         out.append(Tier("tiny", tiny, StreamingCache(tiny, 2, 4, max_forward=64)))
+    if pipeline == "triforce_lookup":  # a deterministic (one-hot) bottom tier
+        out.append(Tier("lookup", PromptLookup(V), LookupCache(PROMPT + 32, "cpu")))
     return out
 
 
@@ -99,7 +102,8 @@ def broken_verify(draft, q, p, generator=None):
 
 
 CASES = [("retrieval", 1.0, 1.0, "retrieval"), ("triforce", 1.0, 1.0, "retrieval"),
-         ("triforce", 1.0, 0.8, "retrieval"), ("triforce", 1.0, 1.0, "streaming"), ("retrieval", 1.0, 1.0, "h2o")]
+         ("triforce", 1.0, 0.8, "retrieval"), ("triforce", 1.0, 1.0, "streaming"), ("retrieval", 1.0, 1.0, "h2o"),
+         ("triforce_lookup", 1.0, 0.8, "retrieval")]
 
 
 @pytest.mark.parametrize("pipeline,temperature,top_p,policy", CASES)

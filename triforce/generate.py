@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from triforce import tp as tpar
 from triforce.cache import FullCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
-from triforce.models.llama import ModelArgs, build_model, check_tp, embedded_gguf, load_hf_dir, resolve_checkpoint
+from triforce.lookup import LookupCache, PromptLookup
+from triforce.models.llama import ModelArgs, Transformer, build_model, check_tp, embedded_gguf, load_hf_dir, resolve_checkpoint
 from triforce.sampling import check_sampling
 
 log = logging.getLogger("triforce")
@@ -127,7 +128,7 @@ class Generator:
             eos.add(self.tokenizer.eos_token_id)
         self.stop_ids = eos  # generation stops after any of these
         draft_dir = None
-        if self.n_tiers == 3 and m.draft_path not in (None, "self"):
+        if self.n_tiers == 3 and m.draft_path not in (None, "self", "lookup"):
             draft_dir = resolve_checkpoint(m.draft_path)
             self._check_draft_tokenizer(draft_dir)
         check_tp(self.args, self.tp)  # before the process group: a bad tp fails without waiting for peers
@@ -152,7 +153,9 @@ class Generator:
         if self.n_tiers == 3:
             # a separate tiny draft is replicated on every rank (no collectives in its steps); a
             # self-draft is a layer subset of the target, so it shares the target's shards
-            if draft_dir is not None:
+            if m.draft_path == "lookup":  # n-gram prompt lookup: no weights (triforce/lookup.py)
+                self.draft = PromptLookup(self.args.vocab_size)
+            elif draft_dir is not None:
                 self.draft, dargs = load_hf_dir(draft_dir, self.device, self.dtype)
             elif m.get("draft_args"):
                 dargs = ModelArgs(**OmegaConf.to_container(m.draft_args))
@@ -160,7 +163,7 @@ class Generator:
             else:
                 keep = list(m.draft_layers) if m.draft_layers else list(range(self.args.n_layers))
                 self.draft = self.model.layer_subset(keep)
-            if self.draft.args.vocab_size != self.args.vocab_size:
+            if isinstance(self.draft, Transformer) and self.draft.args.vocab_size != self.args.vocab_size:
                 raise ValueError(f"draft vocabulary ({self.draft.args.vocab_size}) differs from the target's "
                                  f"({self.args.vocab_size}): the tiny draft must share the target's tokenizer")
             self.draft.eval()
@@ -189,13 +192,13 @@ class Generator:
         gpu, host = cfg.get("gpu_memory_gb"), cfg.get("host_memory_gb")
         return plan_memory(
             self.model.local_args, capacity, cfg.cache.budget if self.n_tiers >= 2 else 0, cfg.gamma,
-            self.draft.local_args if self.draft is not None else None, self.dtype.itemsize,
+            self.draft.local_args if isinstance(self.draft, Transformer) else None, self.dtype.itemsize,
             int(gpu * 2**30) if gpu else gpu_available_bytes(self.device),
             int(host * 2**30) if host else host_available_bytes() // self.launch.local_world,
             str(cfg.get("offload", "auto")).lower(),
             chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
             draft_cache_tokens=d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1),
-            draft_owns_weights=self.draft is not None and self.draft.embed_tokens is not self.model.embed_tokens,
+            draft_owns_weights=isinstance(self.draft, Transformer) and self.draft.embed_tokens is not self.model.embed_tokens,
             # what RetrievalCache / SelectionCache.keeps_copies allocate (graph-ready: not squeeze_*, no kv_bits)
             selection_copies=not (cfg.cuda_graphs and not cfg.cache.get("kv_bits")
                                   and not str(cfg.cache.policy).startswith("squeeze")),
@@ -250,7 +253,9 @@ class Generator:
 
             mid = make_policy(policy, full, self.model, budget, chunk, reselect, **c)
             tiers.append(Tier(policy, self.model, mid, gamma=cfg.draft.gamma))
-        if self.n_tiers == 3:
+        if self.n_tiers == 3 and isinstance(self.draft, PromptLookup):
+            tiers.append(Tier("lookup", self.draft, LookupCache(capacity, self.device)))
+        elif self.n_tiers == 3:
             d = cfg.draft
             stream = StreamingCache(self.draft, d.sinks, d.window, slack=cfg.gamma + d.gamma + 8,
                                     max_forward=max(cfg.prefill_chunk, d.gamma + 1), position_shift=d.position_shift)
@@ -259,7 +264,8 @@ class Generator:
             from triforce.graphs import GraphedModel, graph_sizes
 
             for level, t in enumerate(tiers):
-                t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
+                if isinstance(t.model, Transformer):  # the lookup draft is a few eager kernels
+                    t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
         self._tiers = tiers
         return tiers
 

@@ -334,6 +334,8 @@ class Generator:
         if self.device.type == "cuda":  # bytes each tier reads per forward: weights + the KV it attends to
             moved = 0.0  # on one rank (its shard), so under tp this is per GPU
             for t in engine.tiers:
+                if not isinstance(t.model, Transformer):  # the lookup draft reads no weights or KV
+                    continue
                 kv = t.cache.length if isinstance(t.cache, FullCache) else getattr(t.cache, "budget", 0) + 64
                 if isinstance(t.cache, StreamingCache):
                     kv = t.cache.sinks + t.cache.window

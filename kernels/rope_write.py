@@ -17,6 +17,14 @@ from ._common import tl, triton, use_triton
 if triton is not None:
 
     @triton.jit
+    def _rotate(src, dst, d, c_lo, c_hi, s_lo, s_hi, HALF: tl.constexpr):
+        """dst <- src rotated (rotate-half layout), float32 math, one rounding."""
+        lo = tl.load(src + d).to(tl.float32)
+        hi = tl.load(src + HALF + d).to(tl.float32)
+        tl.store(dst + d, (lo * c_lo - hi * s_lo).to(dst.dtype.element_ty))
+        tl.store(dst + HALF + d, (hi * c_hi + lo * s_hi).to(dst.dtype.element_ty))
+
+    @triton.jit
     def _rope_write_kernel(Q, K, V, COS, SIN, QO, SK, SV, IDX, H,
                            sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, sc_t, sqo_h, sqo_t, ssk_h, ssk_s, ssv_h, ssv_s,
                            HALF: tl.constexpr):
@@ -27,21 +35,11 @@ if triton is not None:
         s_lo = tl.load(SIN + t * sc_t + d).to(tl.float32)
         s_hi = tl.load(SIN + t * sc_t + HALF + d).to(tl.float32)
         if h < H:  # a query head: rotate into QO
-            x = Q + h * sq_h + t * sq_t
-            lo = tl.load(x + d).to(tl.float32)
-            hi = tl.load(x + HALF + d).to(tl.float32)
-            o = QO + h * sqo_h + t * sqo_t
-            tl.store(o + d, (lo * c_lo - hi * s_lo).to(QO.dtype.element_ty))
-            tl.store(o + HALF + d, (hi * c_hi + lo * s_hi).to(QO.dtype.element_ty))
+            _rotate(Q + h * sq_h + t * sq_t, QO + h * sqo_h + t * sqo_t, d, c_lo, c_hi, s_lo, s_hi, HALF)
         else:  # a KV head: rotate the key, store it and the value at row idx[t]
             kh = h - H
             row = tl.load(IDX + t)
-            x = K + kh * sk_h + t * sk_t
-            lo = tl.load(x + d).to(tl.float32)
-            hi = tl.load(x + HALF + d).to(tl.float32)
-            o = SK + kh * ssk_h + row * ssk_s
-            tl.store(o + d, (lo * c_lo - hi * s_lo).to(SK.dtype.element_ty))
-            tl.store(o + HALF + d, (hi * c_hi + lo * s_hi).to(SK.dtype.element_ty))
+            _rotate(K + kh * sk_h + t * sk_t, SK + kh * ssk_h + row * ssk_s, d, c_lo, c_hi, s_lo, s_hi, HALF)
             vx = V + kh * sv_h + t * sv_t
             vo = SV + kh * ssv_h + row * ssv_s
             tl.store(vo + d, tl.load(vx + d))

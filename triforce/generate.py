@@ -199,9 +199,9 @@ class Generator:
             chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
             draft_cache_tokens=d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1),
             draft_owns_weights=isinstance(self.draft, Transformer) and self.draft.embed_tokens is not self.model.embed_tokens,
-            # what RetrievalCache / SelectionCache.keeps_copies allocate (graph-ready: not squeeze_*, no kv_bits)
-            selection_copies=not (cfg.cuda_graphs and not cfg.cache.get("kv_bits")
-                                  and not str(cfg.cache.policy).startswith("squeeze")),
+            # what SelectionCache.keeps_copies allocates on the GPU: copies only for policies that are
+            # not graph-ready (squeeze_*, quantized KV), whether or not graphs are on
+            selection_copies=bool(cfg.cache.get("kv_bits")) or str(cfg.cache.policy).startswith("squeeze"),
             chunk_summaries=str(cfg.cache.policy).endswith("quest") or (
                 str(cfg.cache.policy).endswith("retrieval") and str(cfg.cache.get("reselect", "once")) != "once"))
 

@@ -453,6 +453,7 @@ def main() -> None:
     if run.rank == 0:
         print(json.dumps(out["summary"], indent=1))
         print(f"wrote {out_path}")
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts the peer)
     dist.destroy_process_group()
 
 

@@ -398,6 +398,7 @@ def main(cfg: DictConfig) -> None:
             path.write_text(json.dumps({"token_ids": result.token_ids, "text": result.text, "stats": result.stats,
                                         "config": OmegaConf.to_container(gen.cfg)}, indent=1))
     if gen.group is not None:
+        torch.distributed.barrier()  # rank 0 may still be writing: no rank tears the group down under another
         torch.distributed.destroy_process_group()
 
 

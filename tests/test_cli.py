@@ -79,3 +79,33 @@ def test_offload_true_matches_resident():
     a = triforce.load(*TINY, "temperature=0", "offload=true").generate("offloaded prompt " * 4).token_ids
     b = triforce.load(*TINY, "temperature=0", "offload=false").generate("offloaded prompt " * 4).token_ids
     assert a == b
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("temperature=-1", "temperature"), ("top_p=1.5", "top_p"), ("gamma=0", "gamma"), ("prompt_file=/nonexistent.txt", "prompt_file"),
+])
+def test_cli_bad_input_is_one_line(tmp_path, override, msg):
+    """Bad input: `error: ...` on one line, exit status 2, no traceback, no start-up warning."""
+    r = run_cli(*TINY, override, tmp_path=tmp_path)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], r.stderr
+    assert "Traceback" not in r.stderr and "RuntimeWarning" not in r.stderr
+
+
+def test_cli_full_error_keeps_traceback(tmp_path):
+    import os
+
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    r = subprocess.run([sys.executable, "-m", "triforce.generate", *TINY, "gamma=0"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300, env=env)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_api_is_quiet(capfd):
+    """No progress bars from the API unless asked (a loop of calls must not flood the terminal)."""
+    gen = triforce.load(*TINY, "pipeline=triforce")
+    capfd.readouterr()
+    gen.generate("quiet please", seed=0)
+    out, err = capfd.readouterr()
+    assert out == "" and "generate" not in err and "it/s" not in err and "tok/s" not in err

@@ -207,12 +207,12 @@ class SpeculativeEngine:
     # -------------------------------------------------------------------------------- public
     @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int] | None = None,
-                 seed: int = 0, callback=None, progress: bool = False) -> list[int]:
+                 seed: int = 0, callback=None, progress: bool = False, token_progress: bool | None = None) -> list[int]:
         """Generate up to max_new_tokens after `prompt` (1-D ids); stops after a token in stop_ids.
 
         Each call is independent: caches are reset and the RNG is seeded from `seed`.
         `callback(list_of_new_ids)` streams tokens as the target accepts them; `progress` shows
-        tqdm bars for the prefill and the generated tokens.
+        tqdm bars for the prefill and (unless `token_progress` is False) the generated tokens.
         """
         stop_ids = stop_ids or set()
         depth = sum(t.gamma for t in self.tiers[:-1]) + 2
@@ -224,7 +224,8 @@ class SpeculativeEngine:
             t.cache.reset()
             t.stats = TierStats()
         out: list[int] = []
-        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
+        token_progress = progress if token_progress is None else token_progress
+        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not token_progress, leave=False)
 
         def on_tokens(new: torch.Tensor) -> bool:
             first, done = len(out), False

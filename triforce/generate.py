@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -271,8 +272,12 @@ class Generator:
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, stream: bool = False,
-                 chat: bool | None = None) -> GenerationResult:
-        """Generate after `prompt` (text, or token ids); unset arguments come from the config."""
+                 chat: bool | None = None, progress: bool = False) -> GenerationResult:
+        """Generate after `prompt` (text, or token ids); unset arguments come from the config.
+
+        `progress` draws tqdm bars (prefill, and tokens unless streaming); off by default so a loop of
+        API calls stays quiet. The CLI turns it on.
+        """
         cfg = self.cfg
         max_new_tokens = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         temperature = cfg.temperature if temperature is None else temperature
@@ -315,8 +320,9 @@ class Generator:
                 printed[0] = len(text)
 
         t0 = time.perf_counter()
+        progress = progress and self.rank == 0
         tokens = engine.generate(torch.tensor(ids), max_new_tokens, stop, seed, on_tokens,
-                                 progress=not stream and self.rank == 0)
+                                 progress=progress, token_progress=progress and not stream)
         seconds = time.perf_counter() - t0
         if stream:
             sys.stdout.write("\n")
@@ -382,14 +388,29 @@ def read_prompt(cfg: DictConfig) -> str:
     return cfg.prompt or ""
 
 
+# what a user can fix: bad settings, missing files, a GPU that is absent or too small
+USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
+
+
 @hydra.main(config_path="pkg://triforce.conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> None:
+    """The CLI: one line `error: ...` and exit status 2 for bad input (HYDRA_FULL_ERROR=1 keeps the traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run(cfg)
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(cfg: DictConfig) -> None:
     prompt = read_prompt(cfg)
     if not prompt:
         raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
     gen = Generator(cfg)
-    result = gen.generate(prompt, stream=cfg.stream)
+    result = gen.generate(prompt, stream=cfg.stream, progress=True)
     if gen.rank == 0:  # under tp every rank holds the same result; one prints and writes it
         print(summary_line(result.stats), file=sys.stderr)
         if cfg.output_json:

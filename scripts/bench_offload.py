@@ -159,7 +159,7 @@ def main() -> None:
     capacity = ctx + args.new_tokens + max(args.gammas) * 2 + 64
     plan = plan_memory(a, capacity, args.budget, max(args.gammas), LLAMA_68M, 2, int(args.gpu_memory_gb * GiB),
                        host_available_bytes(), "auto", new_tokens=args.new_tokens + 2 * max(args.gammas),
-                       draft_cache_tokens=16 + 496 + 32 + 512)
+                       draft_cache_tokens=16 + 496 + 32 + 512, draft_gamma=args.gamma2)
     out["plan"] = plan.describe()
     out["resident_layers"], out["budget"] = plan.resident_layers, plan.budget
     print(plan.describe(), flush=True)

@@ -311,6 +311,7 @@ def part_offload(run: Run, args, out: dict, save) -> None:
     def plan(model_args, host):
         return plan_memory(model_args, capacity, args.offload_budget, g, tiny_args, dt.itemsize, gpu, host, "true",
                            new_tokens=new + 2 * g, draft_cache_tokens=SINKS + WINDOW + 32 + 2 * g + 512,
+                           draft_gamma=args.gamma2,
                            max_resident=a.n_layers // 2 if args.smoke else None)
 
     if run.cuda:

@@ -159,7 +159,7 @@ def main() -> None:
     capacity = ctx + args.new_tokens + max(args.gammas) * 2 + 64
     plan = plan_memory(a, capacity, args.budget, max(args.gammas), LLAMA_68M, 2, int(args.gpu_memory_gb * GiB),
                        host_available_bytes(), "auto", new_tokens=args.new_tokens + 2 * max(args.gammas),
-                       draft_cache_tokens=16 + 496 + 32 + 512)
+                       draft_cache_tokens=16 + 496 + 32 + 512, draft_gamma=args.gamma2)
     out["plan"] = plan.describe()
     out["resident_layers"], out["budget"] = plan.resident_layers, plan.budget
     print(plan.describe(), flush=True)
@@ -232,14 +232,13 @@ def e2e_injected(args, model, tiny, full, ctx: int, budget: int, save, out: dict
     stream = StreamingCache(tiny, 16, 496, slack=32 + 2 * max(args.gammas), max_forward=512)
     warm_tiny = torch.randint(0, 32000, (1, 512), device="cuda")
 
-    def fake_prefill(engine):
+    def fake_prefill(tiers):
         def prefill(progress=False):  # the KV of the prompt is already in the store
             adopt_random(full, ctx)
-            for t in engine.tiers[1:]:
+            for t in tiers[1:]:  # the tiers, not the engine: no reference cycle keeps dead graphs alive
                 if not t.cache.adopt_prefix(ctx):
                     tiny(warm_tiny, t.cache)
                     t.cache.length, t.cache.start = ctx, ctx - 496
-            engine.prefill_seconds = 0.0
         return prefill
 
     graphs: dict[tuple, GraphedModel] = {}
@@ -251,7 +250,7 @@ def e2e_injected(args, model, tiny, full, ctx: int, budget: int, save, out: dict
                 key = (id(t.cache), tuple(sorted(sizes)))
                 t.graphed = graphs.setdefault(key, GraphedModel(t.model, t.cache, sizes))
         eng = SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance=inject)
-        eng._prefill = fake_prefill(eng)
+        eng._prefill, eng.prefill_seconds = fake_prefill(tiers), 0.0
         if warm:
             eng.generate(prompt, 8, seed=0)  # captures the drafts' graphs
         torch.cuda.synchronize()

@@ -69,6 +69,15 @@ def fill_random(cache, length: int) -> None:
     cache.length = length
 
 
+def free_graphs(tiers: list) -> None:
+    """Drop the tiers' CUDA graphs and give their pools back before the next engine captures its own
+    (every run builds new graphs; kept alive, their pools would add up over the runs)."""
+    for t in tiers:
+        t.graphed = None
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def step_ms(model, cache, n_new: int, reset, burst: int = 8) -> float:
     """Graphed step of n_new tokens; `reset()` rolls the cache back before each replay.
 
@@ -152,28 +161,27 @@ def e2e_injected(model, tiny, ctx: int, bw: float) -> list[dict]:
     results = []
     prefill_s = [0.0]
 
-    def prefill(engine):  # replaces the engine's prefill: the KV is already random, as in the step benches
-        def fake(progress=False):
+    def prefill(tiers):  # replaces the engine's prefill: the KV is already random, as in the step benches
+        def fake(progress=False):  # refers to the tiers, not the engine: no reference cycle keeps dead graphs alive
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             full.length = ctx - 1
             ret.reset()
             stream.reset()
-            for t in engine.tiers[1:]:
+            for t in tiers[1:]:
                 if not t.cache.adopt_prefix(ctx - 1):
                     tiny(torch.randint(0, 32000, (1, 512), device="cuda"), t.cache)
                     t.cache.length = ctx - 1
                     t.cache.start = ctx - 1 - 496
             torch.cuda.synchronize()
             prefill_s[0] = time.perf_counter() - t0
-            engine.prefill_seconds = 0.0
         return fake
 
     def run(tiers, inject, label, gamma):
         for level, t in enumerate(tiers):
             t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
         eng = SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance=inject)
-        eng._prefill = prefill(eng)
+        eng._prefill, eng.prefill_seconds = prefill(tiers), 0.0
         eng.generate(prompt, 32, seed=0)  # captures graphs
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -186,6 +194,7 @@ def e2e_injected(model, tiny, ctx: int, bw: float) -> list[dict]:
                        for k, v in eng.stats(n).items()}}
         results.append(r)
         print(json.dumps(r), flush=True)
+        free_graphs(tiers)
         return r
 
     with torch.inference_mode():

@@ -195,14 +195,13 @@ def e2e(run: Run, model, tiny, full, ctx: int, budget: int, gammas: list[int], r
     warm = torch.randint(0, vocab, (1, 512), generator=torch.Generator().manual_seed(1)).to(run.device)
     graphed: dict[tuple, GraphedModel] = {}
 
-    def fake_prefill(engine):
+    def fake_prefill(tiers):
         def prefill(progress=False):  # the prompt's KV is already in the store
             adopt_random(full, ctx)
-            for t in engine.tiers[1:]:
+            for t in tiers[1:]:  # the tiers, not the engine: no reference cycle keeps dead graphs alive
                 if not t.cache.adopt_prefix(ctx):
                     tiny(warm, t.cache)
                     t.cache.length, t.cache.start = ctx, ctx - WINDOW
-            engine.prefill_seconds = 0.0
         return prefill
 
     def go(label, tiers, inject, gamma, n_new):
@@ -212,7 +211,7 @@ def e2e(run: Run, model, tiny, full, ctx: int, budget: int, gammas: list[int], r
                 key = (id(t.cache), tuple(sorted(sizes)))
                 t.graphed = graphed.setdefault(key, GraphedModel(t.model, t.cache, sizes))
         eng = SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance=inject, group=run.group)
-        eng._prefill = fake_prefill(eng)
+        eng._prefill, eng.prefill_seconds = fake_prefill(tiers), 0.0
         eng.generate(prompt, min(8, n_new), seed=0)  # captures graphs, warms kernels
         run.sync()
         t0 = time.perf_counter()
@@ -312,6 +311,7 @@ def part_offload(run: Run, args, out: dict, save) -> None:
     def plan(model_args, host):
         return plan_memory(model_args, capacity, args.offload_budget, g, tiny_args, dt.itemsize, gpu, host, "true",
                            new_tokens=new + 2 * g, draft_cache_tokens=SINKS + WINDOW + 32 + 2 * g + 512,
+                           draft_gamma=args.gamma2,
                            max_resident=a.n_layers // 2 if args.smoke else None)
 
     if run.cuda:

@@ -1,6 +1,8 @@
 """The CUDA-graph code path (device-side lengths, static shapes, split-K kernel) computes what
 the eager path computes. On CPU it runs uncaptured, with the Triton kernel interpreted."""
+import gc
 import os
+import warnings
 
 import torch
 
@@ -92,3 +94,120 @@ def test_graph_mode_logits_per_cache(models):
                  lambda: StreamingCache(target, 2, 10, slack=8, max_forward=128),
                  lambda: StreamingCache(target, 2, 10, slack=8, max_forward=128, position_shift=False)):
         assert torch.allclose(run(make, False), run(make, True), atol=1e-4)
+
+
+CAPTURE_ERRORS = [RuntimeError("Triton Error [CUDA]: operation failed due to a previous error during capture"),
+                  torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB"),
+                  RuntimeError("CUDA error: operation would make the legacy stream depend on a capturing blocking "
+                               "stream (cudaErrorStreamCaptureInvalidated)")]
+
+
+def capture_warnings(record) -> list:
+    return [w for w in record if "CUDA-graph capture" in str(w.message)]
+
+
+def test_failed_capture_runs_that_shape_eagerly(models, monkeypatch):
+    """A capture that raises (as a real one does on OOM in the pool, an invalidated capture or a
+    Triton launch error) leaves that step shape to the eager graph-mode code: the same tokens as a
+    run without graphs, one warning, and no second capture attempt of a shape that failed."""
+    target, _ = models
+    prompt = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(7))
+
+    def tiers(graphs: bool):
+        full = FullCache(target, 100)
+        t = [Tier("target", target, full, gamma=3), Tier("retrieval", target, RetrievalCache(full, target, 16, 4))]
+        if graphs:
+            t[0].graphed = GraphedModel(target, full, graph_sizes(t, 0), capture=True)
+            t[1].graphed = GraphedModel(target, t[1].cache, graph_sizes(t, 1), capture=CAPTURE)
+        return t
+
+    want = SpeculativeEngine(tiers(False), 1.0, 1.0, prefill_chunk=32).generate(prompt, 16, seed=4)
+    eng = SpeculativeEngine(tiers(True), 1.0, 1.0, prefill_chunk=32)
+    graphed = eng.tiers[0].graphed
+    calls = []
+
+    def failing_capture(n_new, last, head):
+        calls.append((n_new, last))
+        raise CAPTURE_ERRORS[(len(calls) - 1) % len(CAPTURE_ERRORS)]
+
+    monkeypatch.setattr(graphed, "_capture", failing_capture)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert eng.generate(prompt, 16, seed=4) == want
+        assert calls and len(set(calls)) == len(calls)  # each failed shape was tried once
+        assert eng.generate(prompt, 16, seed=4) == want
+    assert len(calls) == len(graphed.failed)  # ... and never again, in this call or the next
+    assert not graphed.graphs
+    assert len(capture_warnings(record)) == 1
+    assert "Triton Error" in str(capture_warnings(record)[0].message)
+
+
+@pytest.mark.skipif(not CAPTURE, reason="a real capture failure needs a CUDA GPU")
+@pytest.mark.parametrize("failure", ["sync", "oom"])
+def test_real_capture_failure_on_gpu(models, monkeypatch, failure):
+    """A forbidden call inside the captured region (a device sync invalidates the capture; an
+    allocation the pool cannot serve raises OOM mid-capture): every tier falls back, output as
+    eager, one warning per tier, and later captures on the same device still work."""
+    target, tiny = models
+    prompt = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(1))
+    want = SpeculativeEngine(pipeline(target, tiny, 260, False), 1.0, 1.0, prefill_chunk=64).generate(prompt, 40, seed=3)
+    calls = []
+    real_capture = GraphedModel._capture
+
+    def counted(self, n_new, last, head):
+        calls.append((id(self), n_new, last, self.cache.graph_key()))
+        return real_capture(self, n_new, last, head)
+
+    def forbidden(module, inputs, output):
+        if torch.cuda.is_current_stream_capturing():
+            if failure == "sync":
+                torch.cuda.synchronize()
+            else:
+                torch.empty(1 << 50, dtype=torch.uint8, device="cuda")
+
+    monkeypatch.setattr(GraphedModel, "_capture", counted)
+    handle = target.layers[0].register_forward_hook(forbidden)  # shared by all three tiers
+    try:
+        eng = SpeculativeEngine(pipeline(target, tiny, 260, True), 1.0, 1.0, prefill_chunk=64)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            assert eng.generate(prompt, 40, seed=3) == want
+            assert eng.generate(prompt, 40, seed=3) == want
+    finally:
+        handle.remove()
+    assert calls and len(set(calls)) == len(calls)
+    assert all(not t.graphed.graphs and t.graphed.failed for t in eng.tiers)
+    assert len(capture_warnings(record)) == 3
+    assert not torch.cuda.is_current_stream_capturing()
+    again = SpeculativeEngine(pipeline(target, tiny, 260, True), 1.0, 1.0, prefill_chunk=64)
+    assert again.generate(prompt, 40, seed=3) == want
+    assert all(t.graphed.graphs and not t.graphed.failed for t in again.tiers)
+
+
+@pytest.mark.skipif(not CAPTURE, reason="needs a CUDA GPU to capture")
+def test_capture_survives_garbage_collection(models):
+    """Graphs of dead engines held by reference cycles are not destroyed inside a later capture
+    (cudaGraphExecDestroy while capturing invalidates it), even when a collection runs there."""
+    target, tiny = models
+    prompt = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(1))
+    want = SpeculativeEngine(pipeline(target, tiny, 260, False), 1.0, 1.0, prefill_chunk=64).generate(prompt, 40, seed=3)
+    for _ in range(2):  # dead engines in reference cycles, each holding its captured graphs
+        dead = SpeculativeEngine(pipeline(target, tiny, 260, True), 1.0, 1.0, prefill_chunk=64)
+        dead.generate(prompt, 8, seed=3)
+        dead.me = dead
+    del dead
+
+    def collect(module, inputs, output):
+        if torch.cuda.is_current_stream_capturing():
+            gc.collect()
+
+    handle = target.layers[0].register_forward_hook(collect)
+    try:
+        eng = SpeculativeEngine(pipeline(target, tiny, 260, True), 1.0, 1.0, prefill_chunk=64)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            assert eng.generate(prompt, 40, seed=3) == want
+    finally:
+        handle.remove()
+    assert not capture_warnings(record)
+    assert all(t.graphed.graphs and not t.graphed.failed for t in eng.tiers)

@@ -180,13 +180,27 @@ def test_plan_lowers_the_retrieval_budget_when_needed():
     assert "Retrieval budget lowered from 4096 to 1024 tokens to fit the GPU." in p.describe()
 
 
+def test_plan_counts_cuda_graph_pools():
+    """Each tier's captured steps hold a pool (logits, sampling, activations, split-K workspace)."""
+    p = plan_memory(LLAMA2_7B, 32768, 4096, 12, LLAMA_68M, 2, 80 * GiB, 128 * GiB, draft_gamma=4)
+    assert p.graph_steps == {"target": 2, "retrieval": 2, "tiny": 3}
+    assert 40 * 2**20 < p.gpu_parts["graphs"] < 400 * 2**20
+    assert "CUDA graph pools" in p.describe() and "7 step graphs: target 2, retrieval 2, tiny 3" in p.describe()
+    off = plan_memory(LLAMA2_7B, 32768, 4096, 12, LLAMA_68M, 2, 80 * GiB, 128 * GiB, draft_gamma=4, cuda_graphs=False)
+    assert off.gpu_needed == p.gpu_needed - p.gpu_parts["graphs"] and "CUDA graph pools" not in off.describe()
+    ar = plan_memory(LLAMA2_7B, 32768, 0, 12, None, 2, 80 * GiB, 128 * GiB)
+    assert ar.graph_steps == {"target": 3}  # the target decodes 1-3 tokens when nothing drafts for it
+    bigger = plan_memory(LLAMA2_7B, 32768, 4096, 24, LLAMA_68M, 2, 80 * GiB, 128 * GiB, draft_gamma=4)
+    assert bigger.gpu_parts["graphs"] > p.gpu_parts["graphs"]  # longer verify steps, bigger graphs
+
+
 def test_plan_refusals_name_the_numbers():
     with pytest.raises(ValueError, match=r"the target's weights alone need 12\.6 GiB .* but the GPU has 8\.0 GiB"):
         plan(8)
     with pytest.raises(ValueError, match=r"offloading 32 of 32 target layers needs 64\.0 GiB of pinned host "
                                          r"memory but 32\.0 GiB is available"):
         plan(24, host_gib=32)
-    with pytest.raises(ValueError, match=r"131072 tokens need 83\.6 GiB of GPU memory \(target KV 64\.0 GiB\) but "
+    with pytest.raises(ValueError, match=r"131072 tokens need 83\.7 GiB of GPU memory \(target KV 64\.0 GiB\) but "
                                          r"80\.0 GiB is available: set offload=auto"):
         plan(80, offload="false")
     with pytest.raises(ValueError, match=r"retrieval chunk summaries 4\.0\) but 16\.0 GiB is available"):

@@ -13,28 +13,25 @@ static shapes, and `advance` leaves the host bookkeeping to the runner.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from triforce.kernels.prefill_attention import prefill_attention, prefill_attention_reference
 from triforce.kernels.rope_write import rope_write
 from triforce.models.llama import Transformer, apply_rope, rope_qk
+
+
+PREFILL_MIN_TOKENS = 64  # a forward of this many tokens or more is a prefill chunk (decode/verify steps: 1-32)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [1, H, T, D] over k/v [KVH, S, D]; the T queries are the last T of the S keys.
 
-    The mask is bottom-right causal: query i sees keys 0 .. S-T+i. GQA is handled by SDPA; on
-    GPU the mask is SDPA's `causal_lower_right` bias (an explicit mask costs ~3.7x at 123K).
+    The mask is bottom-right causal: query i sees keys 0 .. S-T+i. Prefill chunks go to the
+    fastest kernel that applies (`kernels/prefill_attention.py`: flash-attn, cuDNN, SDPA);
+    a few queries (eager decode/verify) to SDPA with `causal_lower_right` on GPU.
     """
-    t, s = q.shape[2], k.shape[1]
-    mask = None
-    if t > 1:
-        if q.is_cuda:
-            from torch.nn.attention.bias import causal_lower_right
-
-            mask = causal_lower_right(t, s)
-        else:
-            mask = torch.arange(s, device=q.device)[None, :] <= torch.arange(s - t, s, device=q.device)[:, None]
-    return F.scaled_dot_product_attention(q, k[None], v[None], attn_mask=mask, enable_gqa=q.shape[1] != k.shape[0])
+    if q.shape[2] >= PREFILL_MIN_TOKENS:
+        return prefill_attention(q, k, v)
+    return prefill_attention_reference(q, k, v)
 
 
 def device_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: torch.Tensor, max_keys: int,

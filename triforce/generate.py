@@ -204,7 +204,8 @@ class Generator:
             # not graph-ready (squeeze_*, quantized KV), whether or not graphs are on
             selection_copies=bool(cfg.cache.get("kv_bits")) or str(cfg.cache.policy).startswith("squeeze"),
             chunk_summaries=str(cfg.cache.policy).endswith("quest") or (
-                str(cfg.cache.policy).endswith("retrieval") and str(cfg.cache.get("reselect", "once")) != "once"))
+                str(cfg.cache.policy).endswith("retrieval") and str(cfg.cache.get("reselect", "once")) != "once"),
+            cuda_graphs=bool(cfg.cuda_graphs), draft_gamma=d.gamma if self.n_tiers == 3 else None)
 
     def _check_memory(self, needed: int, what: str) -> None:
         free, _ = torch.cuda.mem_get_info(self.device)

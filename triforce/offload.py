@@ -27,7 +27,8 @@ import math
 
 import torch
 
-from triforce.cache import FullCache, KVCache, attention
+from triforce.cache import PREFILL_MIN_TOKENS, FullCache, KVCache, attention
+from triforce.kernels.prefill_attention import attention_lse, can_use_cudnn, merge_lse
 from triforce.models.llama import Transformer, rope_qk
 
 SCORE_BLOCK = 1 << 24  # float32 attention scores a merged (chunked) attention step materialises at once
@@ -273,6 +274,8 @@ class OffloadedFullCache(FullCache):
         Queries go in blocks so the float32 scores of one (block, piece) stay under SCORE_BLOCK.
         """
         h, t, d = q.shape
+        if t >= PREFILL_MIN_TOKENS and can_use_cudnn(q[None], k):  # a prefill chunk: fused kernels, no score blocks
+            return self._merged_cudnn(q, k, v, n_pieces)
         out = torch.empty(h, t, d, dtype=torch.float32, device=q.device)
         lse = torch.empty(h, t, dtype=torch.float32, device=q.device)
         qb = max(1, SCORE_BLOCK // (h * max(self.piece, t)))
@@ -294,6 +297,23 @@ class OffloadedFullCache(FullCache):
             if p < n_pieces:
                 self._release(slot)
         return out.to(q.dtype)
+
+    def _merged_cudnn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_pieces: int) -> torch.Tensor:
+        """`_merged` for a prefill chunk: one cuDNN call per streamed piece (no mask) and one for the
+        chunk over itself (square causal), merged by log-sum-exp; the float32 scores of the
+        einsum path, in query blocks, cost a 120K offloaded prefill far more than its PCIe copies."""
+        acc = None
+        for p in range(n_pieces + 1):
+            if p < n_pieces:
+                slot, a, b = self._take()
+                keys, vals = self.slot_k[slot, :b - a].transpose(0, 1), self.slot_v[slot, :b - a].transpose(0, 1)
+            else:
+                keys, vals = k, v
+            o, lse = attention_lse(q[None], keys[None], vals[None], causal=p == n_pieces)
+            acc = (o[0].float(), lse[0]) if acc is None else (merge_lse(acc, (o[0], lse[0])), torch.logaddexp(acc[1], lse[0]))
+            if p < n_pieces:
+                self._release(slot)
+        return acc[0].to(q.dtype)
 
     # ------------------------------------------------------------------------------ store API
     def read(self, layer: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from triforce.graphs import graph_memory
 from triforce.models.llama import ModelArgs
 from triforce.offload import SCORE_BLOCK
 
@@ -40,6 +41,7 @@ class MemoryPlan:
     gpu_parts: dict[str, int] = field(default_factory=dict)  # GPU bytes by purpose
     host_needed: int = 0  # pinned host bytes for the offloaded layers
     notes: list[str] = field(default_factory=list)
+    graph_steps: dict[str, int] = field(default_factory=dict)  # CUDA-graph step sizes counted per tier
 
     @property
     def offloaded_layers(self) -> int:
@@ -51,9 +53,13 @@ class MemoryPlan:
 
     def describe(self) -> str:
         """One paragraph for the run summary."""
-        parts = ", ".join(f"{name} {gib(b)}" for name, b in self.gpu_parts.items() if b)
+        parts = ", ".join(f"{name} {gib(b)}" for name, b in self.gpu_parts.items() if b and name != "graphs")
         text = (f"Memory plan for {self.context} tokens: GPU {gib(self.gpu_needed)} of {gib(self.gpu_available)} GiB "
                 f"({parts}).")
+        if self.gpu_parts.get("graphs"):
+            steps = ", ".join(f"{tier} {n}" for tier, n in self.graph_steps.items())
+            text += (f" CUDA graph pools {self.gpu_parts['graphs'] / 2**20:.0f} MiB ({sum(self.graph_steps.values())} "
+                     f"step graphs: {steps}; logits, sampling, activations and split-K workspace of each step).")
         if self.offload:
             how = f"{self.transfer_chunk}-token copies" if self.transfer_chunk else "whole-layer copies"
             text += (f" Target KV: {self.resident_layers} of {self.n_layers} layers on the GPU, {self.offloaded_layers} "
@@ -96,7 +102,8 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                 chunk_size: int = 8, prefill_chunk: int = 512, new_tokens: int = 256,
                 draft_cache_tokens: int = 1600, draft_owns_weights: bool = True,
                 transfer_chunk: int = 16384, max_resident: int | None = None,
-                selection_copies: bool = True, chunk_summaries: bool = True) -> MemoryPlan:
+                selection_copies: bool = True, chunk_summaries: bool = True,
+                cuda_graphs: bool = True, draft_gamma: int | None = None) -> MemoryPlan:
     """Fit a run of `context` tokens into `gpu_bytes` of GPU and `host_bytes` of pinned host memory.
 
     offload: "false" (all KV on the GPU or refuse), "true" (offloaded cache, at least one layer
@@ -107,6 +114,8 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     reads every step. selection_copies: the draft copies its selected KV even over a resident
     store (False for a graph-ready policy on the GPU; an offloaded store always needs them);
     chunk_summaries: it stores chunk summaries (retrieval with reselect != "once", Quest).
+    cuda_graphs: count the graph pools of each tier's captured steps (`triforce.graphs.graph_sizes`);
+    draft_gamma: the retrieval tier's gamma when a tier below drafts for it (None: it is the bottom).
     Raises ValueError naming the GiB needed and available and what to change.
     """
     mode = _mode(offload)
@@ -125,10 +134,21 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                  + 2 * prefill_chunk * width * dtype_bytes  # one prefill chunk's activations
                  + (SELECT_BLOCK * args.n_kv_heads * args.head_dim * (dtype_bytes + 4) if budget else 0)
                  + MARGIN)
-    fixed = weights + draft + workspace
+    # graph pools: the steps graph_sizes picks for each tier (the bottom tier decodes 1-3 tokens, a
+    # verifier its gamma + 1 or + 2); a weightless lookup draft captures nothing
+    steps: dict[str, tuple[ModelArgs, set[int]]] = {}
+    if cuda_graphs:
+        bottom = {1, 2, 3}
+        steps["target"] = (args, {gamma + 1, gamma + 2} if budget or draft_args is not None else bottom)
+        if budget:
+            steps["retrieval"] = (args, {draft_gamma + 1, draft_gamma + 2} if draft_gamma else bottom)
+        if draft_args is not None:
+            steps["tiny"] = (draft_args, bottom)
+    graphs = sum(graph_memory(a, sizes, dtype_bytes) for a, sizes in steps.values())
+    fixed = weights + draft + workspace + graphs
     if fixed > gpu_bytes:
         raise ValueError(f"the target's weights alone need {gib(weights)} GiB (plus {gib(draft)} GiB for the draft and "
-                         f"{gib(workspace)} GiB of workspace) but the GPU has {gib(gpu_bytes)} GiB: use a bigger GPU "
+                         f"{gib(workspace + graphs)} GiB of workspace and CUDA graph pools) but the GPU has {gib(gpu_bytes)} GiB: use a bigger GPU "
                          f"or a smaller model (offloading moves only the KV cache)")
 
     tail_tokens = new_tokens + 2 * gamma + 2 + chunk_size
@@ -139,10 +159,10 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
         parts = {"weights": weights, "draft": draft, "target KV": resident * layer_kv,
                  "retrieval": retrieval_memory(args, context, fitted, chunk_size, dtype_bytes,
                                                offloaded or selection_copies, chunk_summaries), **extra,
-                 "mirror": mirror, "workspace": workspace}
+                 "mirror": mirror, "workspace": workspace, "graphs": graphs}
         host = (n_layers - resident) * layer_kv if offloaded else 0
         return MemoryPlan(context, n_layers, offloaded, resident, piece, fitted, budget, gpu_bytes, host_bytes,
-                          parts, host)
+                          parts, host, graph_steps={tier: len(sizes) for tier, (_, sizes) in steps.items()})
 
     everything = plan(False, n_layers, None, budget, {})
     if mode != "true" and everything.gpu_needed <= gpu_bytes:

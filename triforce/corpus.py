@@ -76,6 +76,23 @@ def functions(path: str, source: str, min_body_lines: int = 4, max_opening_lines
     return out
 
 
+def project_dirs(corpus_dir: str | Path) -> list[Path]:
+    """The corpus's project directories, sorted by name; raises, naming the fetch script, when there are none."""
+    corpus_dir = Path(corpus_dir).expanduser()
+    roots = sorted(p for p in corpus_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) \
+        if corpus_dir.is_dir() else []
+    if not roots:
+        raise FileNotFoundError(f"no code corpus in {corpus_dir}: run `python scripts/fetch_code_corpus.py` "
+                                f"(or point corpus_dir at its output)")
+    return roots
+
+
+def code_task_ids(n_docs: int, corpus_dir: str | Path = DEFAULT_DIR) -> list[str]:
+    """The ids `code_tasks(..., n_docs, corpus_dir)` gives its documents, without reading any file."""
+    roots = project_dirs(corpus_dir)
+    return [f"{roots[i % len(roots)].name}/{i // len(roots)}" for i in range(n_docs)]
+
+
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
@@ -92,12 +109,7 @@ def code_tasks(tokenizer, lengths: list[int], n_docs: int, corpus_dir: str | Pat
     the next file up to the budget. Raises with what to do when the corpus is missing or a
     project is too small for a length.
     """
-    corpus_dir = Path(corpus_dir)
-    roots = sorted(p for p in corpus_dir.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) \
-        if corpus_dir.is_dir() else []
-    if not roots:
-        raise FileNotFoundError(f"no code corpus in {corpus_dir}: run `python scripts/fetch_code_corpus.py` "
-                                f"(or point corpus_dir at its output)")
+    roots = project_dirs(corpus_dir)
     if n_docs < 1 or not lengths or min(lengths) < 64:
         raise ValueError(f"need n_docs >= 1 and lengths >= 64 tokens (got n_docs={n_docs}, lengths={list(lengths)})")
     bos = list(tokenizer.encode("", add_special_tokens=True))  # the tokenizer's special prefix, if any

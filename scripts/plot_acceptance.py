@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Aggregate the acceptance study (`python -m triforce.study`): CSV, figure and a README table.
 
-Reads the JSON lines of results/acceptance_runs.jsonl and writes
-- results/acceptance.csv: one row per run, flat columns;
-- results/acceptance.png: acceptance vs budget per policy (log2 x), one panel per prompt length, at
-  the main gamma and temperature, averaged over documents; then mean accepted length vs gamma for
-  the gamma-sweep policies at the gamma-sweep budget (the prompt length that has the sweep);
-and prints a markdown table (policy x budget, acceptance) at the longest prompt length.
-Usage: python scripts/plot_acceptance.py [--runs PATH] [--csv PATH] [--png PATH] [--gamma 6] [--temperature 0]
+Reads the JSON lines of results/acceptance[_NAME]_runs.jsonl and writes
+- results/acceptance[_NAME].csv: one row per run, flat columns;
+- results/acceptance[_NAME].png: per temperature, acceptance vs budget per policy (log2 x), one
+  panel per prompt length, at the main gamma, averaged over documents: middle vs target (with the
+  tiny draft vs the target dashed, where measured), then tiny vs middle; and mean accepted length
+  vs gamma for the gamma-sweep policies at the gamma-sweep budget, where the runs hold a sweep;
+and prints markdown tables (policy x budget, per pair and temperature) at the longest prompt length.
+Usage: python scripts/plot_acceptance.py [--name qwen | --runs PATH --csv PATH --png PATH] [--gamma 6]
 """
 from __future__ import annotations
 
@@ -62,15 +63,24 @@ def gamma_budget(rows: list[dict]) -> int | None:
     return best if len(gammas[best]) > 1 else None
 
 
-def markdown_table(rows: list[dict], gamma: int, temperature: float, prompt_tokens: int) -> str:
-    """Policy x budget acceptance (middle vs target) at one gamma, temperature and prompt length."""
+PAIRS = {  # column -> what it measures
+    "accept_rate": "middle vs target",
+    "tiny_accept_rate": "tiny vs middle",
+    "tiny_target_accept_rate": "tiny vs target",
+}
+
+
+def markdown_table(rows: list[dict], gamma: int, temperature: float, prompt_tokens: int,
+                   value: str = "accept_rate") -> str:
+    """Policy x budget acceptance of one pair (`value`) at one gamma, temperature and prompt length."""
     sub = select(rows, gamma=gamma, temperature=temperature, prompt_tokens=prompt_tokens)
-    means = mean_by(sub, ("policy", "budget"), "accept_rate")
+    means = mean_by(sub, ("policy", "budget"), value)
     policies = list(dict.fromkeys(r["policy"] for r in sub))
     budgets = sorted({r["budget"] for r in sub})
     docs = len({r["document"] for r in sub})
-    lines = [f"Acceptance of the middle tier's drafts by the target ({rows[0]['model']}, "
-             f"prompt {prompt_tokens} tokens, gamma {gamma}, T={temperature}, mean over {docs} document(s))", "",
+    method = sub[0].get("method", "engine") if sub else "engine"
+    lines = [f"Acceptance, {PAIRS[value]} ({rows[0]['model']}, {method}, prompt {prompt_tokens} tokens, "
+             f"gamma {gamma}, T={temperature}, mean over {docs} document(s))", "",
              "| policy | " + " | ".join(f"B={b}" for b in budgets) + " |",
              "|---|" + "---:|" * len(budgets)]
     for p in policies:
@@ -79,8 +89,25 @@ def markdown_table(rows: list[dict], gamma: int, temperature: float, prompt_toke
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, gamma: int, temperature: float) -> None:
-    """Acceptance vs budget (one panel per prompt length) + mean accepted length vs gamma."""
+def tiny_target_table(rows: list[dict], temperatures: list[float]) -> str:
+    """The tiny draft vs the target (independent of policy and budget) per prompt length and temperature."""
+    means = mean_by(rows, ("prompt_tokens", "temperature"), "tiny_target_accept_rate")
+    lengths = sorted({n for n, _ in means})
+    lines = ["Acceptance, tiny vs target (mean over documents)", "",
+             "| T | " + " | ".join(f"{n}" for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+    for t in temperatures:
+        lines.append(f"| {t} | " + " | ".join(f"{means[n, t]:.3f}" if (n, t) in means else "" for n in lengths) + " |")
+    return "\n".join(lines)
+
+
+def has(rows: list[dict], value: str) -> bool:
+    return any(r.get(value) is not None for r in rows)
+
+
+def plot(rows: list[dict], path: Path, gamma: int, temperatures: list[float]) -> None:
+    """Per temperature, acceptance vs budget per policy, one panel per prompt length: middle vs
+    target (the tiny draft vs the target dashed, where measured), then tiny vs middle; and mean
+    accepted length vs gamma where the runs hold a gamma sweep."""
     try:
         import matplotlib
     except ImportError as e:
@@ -90,23 +117,32 @@ def plot(rows: list[dict], path: Path, gamma: int, temperature: float) -> None:
 
     lengths = sorted({r["prompt_tokens"] for r in rows})
     gb = gamma_budget(rows)
-    fig, axes = plt.subplots(1, len(lengths) + 1, figsize=(4.2 * (len(lengths) + 1), 3.8), squeeze=False)
-    for ax, n in zip(axes[0], lengths):
-        sub = select(rows, gamma=gamma, temperature=temperature, prompt_tokens=n)
-        means = mean_by(sub, ("policy", "budget"), "accept_rate")
-        for p in dict.fromkeys(r["policy"] for r in sub):
-            pts = sorted((b, a) for (q, b), a in means.items() if q == p)
-            ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=p)
-        ax.set_xscale("log", base=2)
-        budgets = sorted({r["budget"] for r in sub})
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.minorticks_off()
-        ax.set(title=f"prompt {n}, gamma {gamma}, T={temperature}", xlabel="budget (prefix tokens)",
-               ylabel="acceptance (middle vs target)", ylim=(0, 1.02))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    ax = axes[0][-1]
+    pairs = [v for v in ("accept_rate", "tiny_accept_rate") if has(rows, v)]
+    panel_rows = [(t, v) for t in temperatures for v in pairs]
+    cols = len(lengths) + (gb is not None)
+    fig, axes = plt.subplots(len(panel_rows), cols, figsize=(4.2 * cols, 3.6 * len(panel_rows)), squeeze=False)
+    for i, (temperature, value) in enumerate(panel_rows):
+        for ax, n in zip(axes[i], lengths):
+            sub = select(rows, gamma=gamma, temperature=temperature, prompt_tokens=n)
+            means = mean_by(sub, ("policy", "budget"), value)
+            for p in dict.fromkeys(r["policy"] for r in sub):
+                pts = sorted((b, a) for (q, b), a in means.items() if q == p)
+                ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=p)
+            tt = [r["tiny_target_accept_rate"] for r in sub if r.get("tiny_target_accept_rate") is not None]
+            if value == "accept_rate" and tt:
+                ax.axhline(sum(tt) / len(tt), ls="--", c="k", lw=1, label="tiny vs target")
+            budgets = sorted({r["budget"] for r in sub})
+            if budgets:
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(budgets, [str(b) for b in budgets])
+                ax.minorticks_off()
+            ax.set(title=f"prompt {n}, T={temperature}", xlabel="budget (prefix tokens)",
+                   ylabel=f"acceptance ({PAIRS[value]})", ylim=(0, 1.02))
+            ax.grid(alpha=0.3)
+        axes[i][0].legend(fontsize=7)
     if gb is not None:  # the prompt length whose runs hold the most gammas at that budget
+        temperature = temperatures[0]
+        ax = axes[0][-1]
         n = max(lengths, key=lambda m: (len({r["gamma"] for r in select(rows, budget=gb, prompt_tokens=m)}), m))
         sub = select(rows, budget=gb, temperature=temperature, prompt_tokens=n)
         means = mean_by(sub, ("policy", "gamma"), "mean_accepted_length")
@@ -118,37 +154,45 @@ def plot(rows: list[dict], path: Path, gamma: int, temperature: float) -> None:
             ax.plot([g for g, _ in pts], [m for _, m in pts], marker="o", label=p)
         ax.plot(sorted({r["gamma"] for r in sub}), [g + 1 for g in sorted({r["gamma"] for r in sub})],
                 ls=":", c="gray", label="gamma + 1 (all accepted)")
-        ax.set(title=f"budget {gb}, prompt {n}, T={temperature}")
+        ax.set(title=f"budget {gb}, prompt {n}, T={temperature}", xlabel="gamma",
+               ylabel="mean accepted length (tokens / target round)")
         ax.legend(fontsize=7)
-    else:
-        ax.set(title="no gamma sweep in the runs")
-    ax.set(xlabel="gamma", ylabel="mean accepted length (tokens / target round)")
-    ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3)
+        for ax in axes[1:, -1]:
+            ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=Path, default=ROOT / "results/acceptance_runs.jsonl")
-    ap.add_argument("--csv", type=Path, default=ROOT / "results/acceptance.csv")
-    ap.add_argument("--png", type=Path, default=ROOT / "results/acceptance.png")
+    ap.add_argument("--name", default=None,
+                    help="results/acceptance_NAME_runs.jsonl -> results/acceptance_NAME.csv/.png (e.g. qwen)")
+    ap.add_argument("--runs", type=Path, default=None, help="default: results/acceptance_runs.jsonl")
+    ap.add_argument("--csv", type=Path, default=None)
+    ap.add_argument("--png", type=Path, default=None)
     ap.add_argument("--no-png", action="store_true", help="skip the figure (no matplotlib needed)")
     ap.add_argument("--gamma", type=int, default=None, help="main gamma (default: the most frequent)")
-    ap.add_argument("--temperature", type=float, default=None, help="default: the lowest")
+    ap.add_argument("--temperature", type=float, default=None, help="only this temperature (default: every one)")
     ap.add_argument("--prompt-tokens", type=int, default=None, help="table's prompt length (default: longest)")
     a = ap.parse_args(argv)
-    rows = load_rows(a.runs)
+    stem = f"acceptance_{a.name}" if a.name else "acceptance"
+    runs = a.runs or ROOT / f"results/{stem}_runs.jsonl"
+    rows = load_rows(runs)
     gammas = [r["gamma"] for r in rows]
     gamma = a.gamma if a.gamma is not None else max(set(gammas), key=gammas.count)
-    temperature = a.temperature if a.temperature is not None else min(r["temperature"] for r in rows)
+    temperatures = [a.temperature] if a.temperature is not None else sorted({r["temperature"] for r in rows})
     n = a.prompt_tokens or max(r["prompt_tokens"] for r in rows)
-    write_csv(rows, a.csv)
+    write_csv(rows, a.csv or ROOT / f"results/{stem}.csv")
     if not a.no_png:
-        plot(rows, a.png, gamma, temperature)
-    table = markdown_table(rows, gamma, temperature, n)
+        plot(rows, a.png or ROOT / f"results/{stem}.png", gamma, temperatures)
+    tables = [markdown_table(rows, gamma, t, n, v) for v in ("accept_rate", "tiny_accept_rate") if has(rows, v)
+              for t in temperatures]
+    if has(rows, "tiny_target_accept_rate"):
+        tables.append(tiny_target_table(rows, temperatures))
+    table = "\n\n".join(tables)
     print(table)
     return table
 

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_module
 
 import triforce
-from triforce.study import KEY, SharedPrefill, check_config, run_pipeline, run_specs, run_study
+from triforce.study import KEY, SharedPrefill, check_config, measure_forced, run_pipeline, run_specs, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the study runs where `device=auto` puts it
@@ -108,3 +108,55 @@ def test_missing_corpus_for_a_real_model_names_the_fetch_script(tmp_path):
     cfg = compose_study([f"study.corpus_dir={tmp_path}"])
     with pytest.raises(FileNotFoundError, match="fetch_corpus.py"):
         check_config(cfg)
+
+
+def write_code_corpus(root: Path) -> None:
+    """Two small projects of the shape scripts/fetch_code_corpus.py writes."""
+    for name in ("alpha", "beta"):
+        for i in range(4):
+            body = "".join(f"    x{j} = a + {j} * {i}\n" for j in range(12))
+            (root / name / "pkg").mkdir(parents=True, exist_ok=True)
+            (root / name / "pkg" / f"mod{i}.py").write_text(
+                f'import os\n\n\ndef {name}_{i}(a):\n    """Doc {i}."""\n{body}    return x0\n' * 2)
+
+
+def forced_overrides(tmp_path: Path) -> list[str]:
+    return ["+model=tiny-random", f"study.out={tmp_path / 'forced.jsonl'}", f"study.corpus_dir={tmp_path / 'code'}",
+            "study.prompt_tokens=[300]", "study.code_documents=2", "study.temperatures=[0,0.6]",
+            "study.policies=[retrieval,streaming]", "study.budgets=[16,64]", "study.max_new_tokens=12",
+            "prefill_chunk=128"]
+
+
+def test_forced_study_on_code_tasks(tmp_path, capsys):
+    write_code_corpus(tmp_path / "code")
+    with initialize_config_module(config_module="triforce.conf", version_base=None):
+        cfg = compose(config_name="study_qwen", overrides=forced_overrides(tmp_path))
+    rows = run_study(cfg)
+    assert len(rows) == 2 * 2 * 2 * 2  # documents x temperatures x policies x budgets
+    assert {r["document"] for r in rows} == {"alpha/0", "beta/0"}
+    for r in rows:
+        assert r["method"] == "forced" and r["corpus"] == "code" and not r["synthetic_prompt"]
+        for k in ("accept_rate", "tiny_accept_rate", "tiny_target_accept_rate"):
+            assert 0 <= r[k] <= 1
+        assert 1 <= r["mean_accepted_length"] <= r["gamma"] + 1
+    # the tiny-vs-target pair does not depend on the policy or budget: one value per prompt and temperature
+    assert len({(r["document"], r["temperature"], r["tiny_target_accept_rate"]) for r in rows}) == 4
+    assert run_study(cfg) == []  # resume
+    assert "study: 0 runs" in capsys.readouterr().err
+
+
+def test_forced_acceptance_is_one_exactly_when_the_drafter_is_the_verifier(tmp_path):
+    """A middle tier whose budget covers the prompt computes the target's distributions: alpha 1.
+    The one-layer tiny draft (tiny-random's draft_layers=[0], a 16-token window) differs: alpha < 1."""
+    write_code_corpus(tmp_path / "code")
+    with initialize_config_module(config_module="triforce.conf", version_base=None):
+        cfg = compose(config_name="study_qwen", overrides=forced_overrides(tmp_path))
+    gen = triforce.generate.Generator(cfg)
+    ids = torch.randint(64, (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    shared = SharedPrefill(gen, ids, 300 + 40, slack=30)
+    for t in (0.0, 0.6):
+        spec = {**run_specs(cfg)[0], "temperature": t, "budget": 512}
+        row = measure_forced(gen, shared, spec, "cpu", {})
+        assert row["accept_rate"] == pytest.approx(1, abs=1e-5)
+        assert row["tiny_target_accept_rate"] < 0.99
+        assert row["tiny_accept_rate"] == pytest.approx(row["tiny_target_accept_rate"], abs=1e-5)

@@ -1,9 +1,19 @@
-"""Acceptance-rate study (GitHub issue 6): `python -m triforce.study [+model=NAME] [key=value ...]`.
+"""Acceptance-rate study: `python -m triforce.study [--config-name study_qwen] [+model=NAME] [key=value ...]`.
 
 Sweeps middle-tier policy x budget x gamma x prompt length x temperature in one process and appends
-one JSON line per run to `study.out`. Each run measures
-- middle vs target: the 2-tier pipeline [target, policy], the target verifying `gamma` tokens;
-- tiny vs middle: the 3-tier pipeline [target, policy, tiny] (StreamingLLM draft, `draft.*`).
+one JSON line per run to `study.out`. `study.method` says how a run measures acceptance:
+- `engine`: runs the pipelines. Middle vs target from the 2-tier pipeline [target, policy], the
+  target verifying `gamma` tokens; tiny vs middle from the 3-tier [target, policy, tiny]
+  (StreamingLLM draft, `draft.*`). Acceptance is accepted / proposed drafts.
+- `forced`: the target samples `max_new_tokens` tokens once per prompt and temperature; every tier
+  then reads that same continuation in one forward, and a pair's acceptance is the mean over its
+  positions of sum_x min(p(x), q(x)), the probability that exact speculative sampling accepts the
+  drafter's token (Leviathan et al.'s alpha; greedy: whether the argmaxes agree). One forward per
+  policy and budget instead of a whole speculative run: what makes a sweep over 32K prompts fit
+  a few minutes. Pairs: middle vs target, tiny vs middle, and tiny vs target (the tiny draft
+  drafting straight for the target, the classic 2-tier draft-model pipeline).
+Prompts are the first `prompt_tokens` tokens of prose documents (`study.corpus=prose`) or
+repository-level code completion tasks (`study.corpus=code`, `triforce.corpus.code_tasks`).
 Weights load once (`Generator`). At ~32 new tokens per run the prompt's prefill would dominate, so
 it runs once per prompt and every run on that prompt restores it (`SharedPrefill`).
 `scripts/plot_acceptance.py` turns the JSON lines into a CSV, a figure and a markdown table.
@@ -24,15 +34,19 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from triforce.cache import FullCache, StreamingCache
+from triforce.corpus import code_task_ids, code_tasks
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.generate import Generator, default_model_config
 from triforce.policies import POLICIES, make_policy
-from triforce.sampling import check_sampling
+from triforce.sampling import check_sampling, process_logits, sample
 
 log = logging.getLogger("triforce.study")
 # the settings that identify a run (resume skips runs whose key already has a row)
 KEY = ("model", "document", "prompt_tokens", "temperature", "policy", "budget", "chunk_size", "reselect",
-       "gamma", "draft_gamma", "seed", "max_new_tokens", "tiny")
+       "gamma", "draft_gamma", "seed", "max_new_tokens", "tiny", "method", "corpus")
+KEY_DEFAULTS = {"method": "engine", "corpus": "prose"}  # rows written before these keys existed
+METHODS = ("engine", "forced")
+CORPORA = ("prose", "code")
 
 
 def run_specs(cfg: DictConfig) -> list[dict]:
@@ -41,18 +55,22 @@ def run_specs(cfg: DictConfig) -> list[dict]:
     model = (cfg.get("model") or default_model_config()).name
     grid = [(p, int(b), int(cfg.gamma)) for p in s.policies for b in s.budgets]
     grid += [(p, int(s.gamma_budget), int(g)) for p in s.gamma_policies for g in s.gammas]
+    docs = code_task_ids(int(s.code_documents), s.corpus_dir) if s.corpus == "code" else list(s.documents)
     return [dict(model=model, document=doc, prompt_tokens=int(n), temperature=float(t), policy=p, budget=b,
                  chunk_size=int(cfg.cache.chunk_size), reselect=cfg.cache.reselect, gamma=g,
                  draft_gamma=int(cfg.draft.gamma), seed=int(cfg.seed), max_new_tokens=int(s.max_new_tokens),
-                 tiny=bool(s.tiny))
-            for doc in s.documents for n in s.prompt_tokens for t in s.temperatures
+                 tiny=bool(s.tiny), method=s.method, corpus=s.corpus)
+            for doc in docs for n in s.prompt_tokens for t in s.temperatures
             for p, b, g in dict.fromkeys(grid)]
 
 
 def check_config(cfg: DictConfig) -> None:
     """Every check of the study's settings, before any weight is loaded."""
     s = cfg.study
-    for name in ("documents", "prompt_tokens", "temperatures", "policies", "budgets"):
+    if s.method not in METHODS or s.corpus not in CORPORA:
+        raise ValueError(f"study.method must be one of {METHODS} and study.corpus one of {CORPORA} "
+                         f"(got {s.method!r}, {s.corpus!r})")
+    for name in ("prompt_tokens", "temperatures", "policies", "budgets") + (("documents",) * (s.corpus == "prose")):
         if not s[name]:
             raise ValueError(f"study.{name} is empty: give at least one value")
     unknown = [p for p in [*s.policies, *s.gamma_policies] if p not in POLICIES]
@@ -80,6 +98,9 @@ def check_config(cfg: DictConfig) -> None:
     if unknown:
         raise ValueError(f"study.policy_kwargs names unknown policies {sorted(unknown)}")
     corpus = Path(s.corpus_dir).expanduser()
+    if s.corpus == "code":
+        code_task_ids(int(s.code_documents), corpus)  # raises, naming the fetch script, without the corpus
+        return
     missing = [d for d in s.documents if not (corpus / f"{d}.txt").is_file()]
     if missing and not m.random_weights:
         raise FileNotFoundError(f"documents {missing} are not in {corpus}: run `python scripts/fetch_corpus.py` "
@@ -189,6 +210,84 @@ def measure(gen: Generator, shared: SharedPrefill, spec: dict, device: str) -> d
     return row
 
 
+def expected_length(alpha: float, gamma: int) -> float:
+    """Tokens per verification round when each of `gamma` drafts is accepted independently with
+    probability alpha: (1 - alpha^(gamma+1)) / (1 - alpha)."""
+    return gamma + 1.0 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+@torch.inference_mode()
+def target_continuation(gen: Generator, shared: SharedPrefill, n_new: int, temperature: float,
+                        seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's own `n_new` tokens after the prompt: (tokens fed [n_new], distributions [n_new, V]).
+
+    Row i is the target's processed distribution of token i + 1 given the prompt and the tokens
+    fed up to i (the first fed token is the prompt's last). Leaves the shared prefill restored.
+    """
+    shared.restore()
+    g = torch.Generator(device=gen.device).manual_seed(seed)
+    tok = shared.ids[-1:].to(gen.device)
+    fed, dists = [], []
+    for _ in range(n_new):
+        fed.append(tok)
+        p = process_logits(gen.model(tok[None], shared.full, last=1)[0], temperature, gen.cfg.top_p)
+        dists.append(p)
+        tok = sample(p, g)
+    shared.restore()
+    return torch.cat(fed), torch.cat(dists)
+
+
+@torch.inference_mode()
+def forced_distributions(model, cache, fed: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """A tier's processed distributions along `fed`: its first token alone (the step at which a
+    selection policy chooses, as when decoding), then the rest in one forward."""
+    first = model(fed[None, :1], cache, last=1)[0]
+    rest = model(fed[None, 1:], cache, last=fed.numel() - 1)[0] if fed.numel() > 1 else first[:0]
+    return process_logits(torch.cat([first, rest]), temperature, top_p)
+
+
+def alpha(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean over positions of sum_x min(p, q): the chance exact speculative sampling accepts q's draft."""
+    return float(torch.minimum(p, q).sum(-1).mean())
+
+
+def measure_forced(gen: Generator, shared: SharedPrefill, spec: dict, device: str, along: dict) -> dict:
+    """The row of one forced run: the middle tier (and the tiny one) read the target's continuation.
+
+    `along` caches, per temperature, the target's continuation and the tiny draft's distributions
+    along it (they do not depend on the policy or budget), so each run costs one middle forward.
+    """
+    t, m = spec["temperature"], spec["max_new_tokens"]
+    if t not in along:
+        fed, p = target_continuation(gen, shared, m, t, spec["seed"])
+        q_tiny = None
+        if spec["tiny"]:
+            shared.restore()
+            q_tiny = forced_distributions(gen.draft, shared.tiny, fed, t, gen.cfg.top_p)
+        along[t] = fed, p, q_tiny
+    fed, p, q_tiny = along[t]
+    shared.restore()
+    kwargs = dict(gen.cfg.study.policy_kwargs.get(spec["policy"]) or {})
+    mid = make_policy(spec["policy"], shared.full, gen.model, spec["budget"], spec["chunk_size"], spec["reselect"],
+                      **kwargs)
+    mid.adopt_prefix(shared.n)
+    t0 = time.perf_counter()
+    p_mid = forced_distributions(gen.model, mid, fed, t, gen.cfg.top_p)
+    a_mid = alpha(p, p_mid)
+    row = {**spec, "top_p": gen.cfg.top_p, "generated_tokens": m, "accept_rate": a_mid,
+           "mean_accepted_length": expected_length(a_mid, spec["gamma"]),
+           "tokens_per_second": m / (time.perf_counter() - t0), "tiny_accept_rate": None,
+           "tiny_mean_accepted_length": None, "accept_rate_3tier": None, "tokens_per_second_3tier": None,
+           "tiny_target_accept_rate": None, "tiny_target_mean_accepted_length": None}
+    if q_tiny is not None:
+        a_tm, a_tt = alpha(p_mid, q_tiny), alpha(p, q_tiny)
+        row.update(tiny_accept_rate=a_tm, tiny_mean_accepted_length=expected_length(a_tm, spec["draft_gamma"]),
+                   tiny_target_accept_rate=a_tt, tiny_target_mean_accepted_length=expected_length(a_tt, spec["gamma"]))
+    shared.restore()
+    row.update(device=device, dtype=str(gen.dtype).removeprefix("torch."), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return row
+
+
 def done_keys(path: Path) -> set[tuple]:
     """Keys of the runs already in the JSON lines at `path` (for resume)."""
     if not path.is_file():
@@ -197,7 +296,7 @@ def done_keys(path: Path) -> set[tuple]:
     for line in path.read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            keys.add(tuple(row.get(k) for k in KEY))
+            keys.add(tuple(row.get(k, KEY_DEFAULTS.get(k)) for k in KEY))
     return keys
 
 
@@ -216,16 +315,23 @@ def run_study(cfg: DictConfig) -> list[dict]:
     device = str(gen.device) + (f" ({torch.cuda.get_device_name(gen.device)})" if gen.device.type == "cuda" else "")
     max_gamma = max([cfg.gamma, *cfg.study.gammas])
     corpus = Path(cfg.study.corpus_dir).expanduser()
+    code = {}
+    if cfg.study.corpus == "code":
+        tasks = code_tasks(gen.tokenizer, list(cfg.study.prompt_tokens), int(cfg.study.code_documents), corpus)
+        code = {(t.id, t.length): t.prompt_ids for t in tasks}
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     t0 = time.perf_counter()
     bar = tqdm(total=len(todo), desc="study", unit="run")
     for (doc, n), group in itertools.groupby(todo, key=lambda s: (s["document"], s["prompt_tokens"])):
-        ids, synthetic = prompt_ids(gen, corpus, doc, n, cfg.seed)
+        ids, synthetic = (code[doc, n], False) if code else prompt_ids(gen, corpus, doc, n, cfg.seed)
         shared = SharedPrefill(gen, ids, n + cfg.study.max_new_tokens + max_gamma + cfg.draft.gamma + 2,
                                slack=max_gamma + cfg.draft.gamma + 8)
+        along: dict = {}
         for spec in group:
-            row = {**measure(gen, shared, spec, device), "synthetic_prompt": synthetic}
+            row = (measure_forced(gen, shared, spec, device, along) if spec["method"] == "forced"
+                   else measure(gen, shared, spec, device))
+            row["synthetic_prompt"] = synthetic
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)

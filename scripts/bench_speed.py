@@ -253,7 +253,7 @@ def part2(args, out: dict) -> None:
     import triforce
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from triforce.models.llama import resolve_checkpoint
+    from triforce.models.llama import GGUF_LINK, resolve_checkpoint
 
     text = (ROOT / "data/corpus/botchan.txt").read_text()
     rows = []
@@ -265,7 +265,9 @@ def part2(args, out: dict) -> None:
     gens["triforce+lookup"] = triforce.load(*common, "pipeline=triforce", "model.draft_path=lookup", "draft.gamma=6")
     hf_dir = resolve_checkpoint(args.smollm2)
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    hf = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=DT).cuda().eval()
+    # a converted GGUF directory links the GGUF (no safetensors): transformers dequantizes it itself
+    gguf = {"gguf_file": GGUF_LINK} if (hf_dir / GGUF_LINK).exists() else {}
+    hf = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=DT, **gguf).cuda().eval()
     all_ids = tok(text).input_ids
     for ctx in (1024, 7168):
         ids = all_ids[10000:10000 + ctx]

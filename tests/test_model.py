@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from triforce.cache import FullCache
-from triforce.models.llama import ModelArgs, build_model, load_hf_dir, read_gguf, embedded_gguf
+from triforce.models.llama import GGUF_LINK, ModelArgs, build_model, embedded_gguf, load_hf_dir, read_gguf, read_gguf_header
 
 ROPES = [None, {"rope_type": "linear", "factor": 4.0}, {"rope_type": "dynamic", "factor": 2.0},
          {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -40,7 +40,8 @@ def test_smollm2_matches_transformers(smollm2_dir):
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     ids = tok("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
-    hf = LlamaForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    # the cached directory links the GGUF (no float32 copy): transformers loads it from there
+    hf = LlamaForCausalLM.from_pretrained(str(smollm2_dir), gguf_file=GGUF_LINK, dtype=torch.float32).eval()
     ours, args = load_hf_dir(smollm2_dir)
     assert (args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.vocab_size) == (30, 576, 9, 3, 49152)
     with torch.no_grad():
@@ -71,3 +72,29 @@ def test_layer_subset_shares_weights():
     assert draft.lm_head.weight.data_ptr() == model.lm_head.weight.data_ptr()
     with pytest.raises(ValueError, match="increasing indices"):
         model.layer_subset([3, 0])
+
+
+def test_gguf_reader_matches_gguf_package():
+    """Our header reader and piecewise dequantization give gguf.GGUFReader's metadata and
+    gguf.quants.dequantize's values, bit for bit, for every tensor (every quant type in the file)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    path = embedded_gguf()
+    meta, tensors, _ = read_gguf_header(path)
+    ref = GGUFReader(str(path))
+    for key, field in ref.fields.items():
+        if not key.startswith("GGUF."):
+            want = field.contents()
+            assert meta[key] == (list(want) if isinstance(want, list) else want), key
+    _, weights = read_gguf(path)
+    gguf_name = {v: k for k, v in weights.names.items()}
+    kinds = set()
+    for t in ref.tensors:
+        if t.name.split(".")[-2] in ("attn_q", "attn_k"):  # llama: rows unpermuted (checked against transformers above)
+            continue
+        kinds.add(t.tensor_type.name)
+        want = torch.from_numpy(dequantize(t.data, t.tensor_type).copy()).float()
+        assert torch.equal(weights[gguf_name[t.name]], want), t.name
+    assert len(kinds) >= 2, kinds
+    assert set(tensors) == {t.name for t in ref.tensors}

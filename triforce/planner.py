@@ -96,7 +96,7 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                 chunk_size: int = 8, prefill_chunk: int = 512, new_tokens: int = 256,
                 draft_cache_tokens: int = 1600, draft_owns_weights: bool = True,
                 transfer_chunk: int = 16384, max_resident: int | None = None,
-                selection_copies: bool = True, chunk_summaries: bool = True) -> MemoryPlan:
+                selection_copies: bool = True, chunk_summaries: bool = True, quantized_bytes: int = 0) -> MemoryPlan:
     """Fit a run of `context` tokens into `gpu_bytes` of GPU and `host_bytes` of pinned host memory.
 
     offload: "false" (all KV on the GPU or refuse), "true" (offloaded cache, at least one layer
@@ -107,6 +107,9 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     reads every step. selection_copies: the draft copies its selected KV even over a resident
     store (False for a graph-ready policy on the GPU; an offloaded store always needs them);
     chunk_summaries: it stores chunk summaries (retrieval with reselect != "once", Quest).
+    quantized_bytes: the drafts' quantized weight copies (`cache.weights` / `draft.weights` int8 or
+    int4; `triforce.models.quant.quant_weight_bytes`), on the GPU beside the target's weights: with
+    offloading every byte of them is a byte less for resident target KV layers.
     Raises ValueError naming the GiB needed and available and what to change.
     """
     mode = _mode(offload)
@@ -125,9 +128,11 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                  + 2 * prefill_chunk * width * dtype_bytes  # one prefill chunk's activations
                  + (SELECT_BLOCK * args.n_kv_heads * args.head_dim * (dtype_bytes + 4) if budget else 0)
                  + MARGIN)
-    fixed = weights + draft + workspace
+    fixed = weights + draft + quantized_bytes + workspace
     if fixed > gpu_bytes:
-        raise ValueError(f"the target's weights alone need {gib(weights)} GiB (plus {gib(draft)} GiB for the draft and "
+        quant = (f", {gib(quantized_bytes)} GiB for the quantized draft weights (cache.weights / draft.weights=bf16 "
+                 f"drop them)" if quantized_bytes else "")
+        raise ValueError(f"the target's weights alone need {gib(weights)} GiB (plus {gib(draft)} GiB for the draft{quant} and "
                          f"{gib(workspace)} GiB of workspace) but the GPU has {gib(gpu_bytes)} GiB: use a bigger GPU "
                          f"or a smaller model (offloading moves only the KV cache)")
 
@@ -136,7 +141,7 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     def plan(offloaded: bool, resident: int, piece: int | None, fitted: int, extra: dict[str, int]) -> MemoryPlan:
         # per offloaded layer, the device mirror a graphed retrieval draft reads: its selected KV + the tail
         mirror = (fitted + tail_tokens) * token_layer * (n_layers - resident) if offloaded and fitted else 0
-        parts = {"weights": weights, "draft": draft, "target KV": resident * layer_kv,
+        parts = {"weights": weights, "draft": draft, "quantized drafts": quantized_bytes, "target KV": resident * layer_kv,
                  "retrieval": retrieval_memory(args, context, fitted, chunk_size, dtype_bytes,
                                                offloaded or selection_copies, chunk_summaries), **extra,
                  "mirror": mirror, "workspace": workspace}

@@ -307,16 +307,23 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         _fuse(self, "wqkv", [self.q_proj, self.k_proj, self.v_proj])
 
+    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
+        """The fused q/k/v projection (a quantized draft's view overrides the projections)."""
+        return gemv(x, self.wqkv, self.wqkv_bias)
+
+    def project_out(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv(x, self.o_proj.weight)
+
     def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.head_dim
-        qkv = gemv(x, self.wqkv, self.wqkv_bias)
+        qkv = self.project_qkv(x)
         q, k, v = qkv.split((self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd), dim=-1)
         q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         out = cache.attend(layer, q, k, v)
-        out = gemv(out.transpose(1, 2).reshape(b, t, -1), self.o_proj.weight)
+        out = self.project_out(out.transpose(1, 2).reshape(b, t, -1))
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out
@@ -338,9 +345,15 @@ class FeedForward(nn.Module):
     def fuse(self) -> None:
         _fuse(self, "w13", [self.gate_proj, self.up_proj])
 
+    def project_gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv(x, self.w13)
+
+    def project_down(self, x: torch.Tensor) -> torch.Tensor:
+        return gemv(x, self.down_proj.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = gemv(x, self.w13).chunk(2, dim=-1)
-        out = gemv(swiglu(gate, up), self.down_proj.weight)
+        gate, up = self.project_gate_up(x).chunk(2, dim=-1)
+        out = self.project_down(swiglu(gate, up))
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out
@@ -411,6 +424,9 @@ class Transformer(nn.Module):
         cache.advance(tokens.shape[1])
         if last is not None:
             h = h[:, h.shape[1] - last:]
+        return self.project_logits(h)
+
+    def project_logits(self, h: torch.Tensor) -> torch.Tensor:
         return gemv(h, self.lm_head.weight).float()
 
     def layer_subset(self, keep: list[int]) -> "Transformer":
@@ -420,7 +436,7 @@ class Transformer(nn.Module):
         """
         if not keep or any(not 0 <= i < self.args.n_layers for i in keep) or sorted(set(keep)) != list(keep):
             raise ValueError(f"draft layers must be increasing indices in 0..{self.args.n_layers - 1}, got {keep}")
-        draft = Transformer.__new__(Transformer)
+        draft = type(self).__new__(type(self))  # a quantized view's subset stays quantized
         nn.Module.__init__(draft)
         draft.args = ModelArgs(**{f.name: getattr(self.args, f.name) for f in fields(ModelArgs)})
         draft.args.n_layers = len(keep)

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -16,6 +17,9 @@ from triforce.kernels import _common  # noqa: E402
 from triforce.kernels.chunk_topk import (chunk_scores, chunk_scores_reference, chunk_summaries,  # noqa: E402
                                          chunk_summaries_reference, select_chunks, select_chunks_reference)
 from triforce.kernels.gemv import gemv, gemv_reference, gemv_triton  # noqa: E402
+from triforce.kernels.quant_gemv import (dequantize_int4, dequantize_int8, int4_gemv, int4_gemv_reference,  # noqa: E402
+                                         int4_gemv_triton, int8_gemv, int8_gemv_reference, int8_gemv_triton,
+                                         quantize_int4, quantize_int8)
 from triforce.kernels.rope_write import rope_write, rope_write_reference  # noqa: E402
 from triforce.kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                                decode_attention_triton)
@@ -232,6 +236,104 @@ def test_gpu_gemv_bf16(m):
     want = gemv_reference(x.float(), w.float())
     torch.testing.assert_close(gemv(x[None], w)[0].float(), want, atol=0.5, rtol=2e-2)  # bf16 output of K=4096 sums
     assert gemv(x.float(), w.float()).dtype == torch.float32  # float32 stays on cuBLAS
+
+
+# ---------------------------------------------------------------- weight-quantized GEMV (draft tiers)
+
+def test_quantize_int8_round_trip():
+    """Round to nearest: every weight within half a step of its row's scale; zero rows stay zero."""
+    w = torch.randn(9, 70, generator=torch.Generator().manual_seed(0))
+    w[3] = 0
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (9,) and scale.dtype == w.dtype and q.abs().max() <= 127
+    err = (dequantize_int8(q, scale) - w).abs()
+    assert (err <= scale[:, None] / 2 + 1e-6).all() and (dequantize_int8(q, scale)[3] == 0).all()
+
+
+@pytest.mark.parametrize("group,k", [(32, 32), (64, 100), (128, 257)])
+def test_quantize_int4_round_trip(group, k):
+    """Within half a step of the group's scale, exact zeros stay exact, two nibbles per byte, K padded."""
+    w = torch.randn(5, k, generator=torch.Generator().manual_seed(k))
+    w[:, ::7] = 0
+    packed, scale, zero = quantize_int4(w, group)
+    groups = -(-k // group)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, groups * group // 2)
+    assert scale.shape == zero.shape == (5, groups) and zero.min() >= 0 and zero.max() <= 15
+    back = dequantize_int4(packed, scale, zero, k, group)
+    step = scale.repeat_interleave(group, 1)[:, :k]
+    assert ((back - w).abs() <= step / 2 + 1e-6).all()
+    assert (back[:, ::7] == 0).all()
+    with pytest.raises(ValueError, match="group size must be one of"):
+        quantize_int4(w, 48)
+
+
+QUANT_CASES = [  # rows 1 (FMA path) / 7, 16 (tl.dot path); N odd; K not a multiple of the group or block
+    (1, 33, 300, 128, 1), (1, 5, 257, 32, 2), (7, 9, 300, 32, 3), (16, 17, 129, 64, 1), (3, 1, 17, 32, 1),
+    (16, 40, 1000, 128, 2),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("m,n,k,group,per_step", QUANT_CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_gemv_matches_reference(m, n, k, group, per_step, bias):
+    gen = torch.Generator().manual_seed(m * 100 + n + k)
+    x, w = rand(m, k, gen=gen), rand(n, k, gen=gen)
+    b = rand(n, gen=gen) if bias else None
+    packed, scale, zero = quantize_int4(w, group)
+    want = int4_gemv_reference(x, packed, scale, zero, group, b)
+    got = int4_gemv_triton(x, packed, scale, zero, group, b, groups_per_step=per_step)
+    torch.testing.assert_close(got, want, **(TOL if m == 1 or not CUDA else dict(atol=2e-2, rtol=2e-2)))
+    with pytest.raises(ValueError, match="int4_gemv_triton takes"):
+        int4_gemv_triton(rand(17, k, gen=gen), packed, scale, zero, group)
+    with pytest.raises(ValueError, match="do not describe"):
+        int4_gemv_triton(x, packed, scale, zero, group * 2 if group < 128 else 32)
+
+
+@needs_triton
+@pytest.mark.parametrize("m,n,k", [(1, 33, 300), (1, 8, 2100), (7, 9, 300), (16, 17, 129), (3, 1, 17)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_gemv_matches_reference(m, n, k, bias):
+    gen = torch.Generator().manual_seed(m * 100 + n + k)
+    x, w = rand(m, k, gen=gen), rand(n, k, gen=gen)
+    b = rand(n, gen=gen) if bias else None
+    q, scale = quantize_int8(w)
+    want = int8_gemv_reference(x, q, scale, b)
+    got = int8_gemv_triton(x, q, scale, b, block_k=256)  # several K steps and a partial last one
+    torch.testing.assert_close(got, want, **(TOL if m == 1 or not CUDA else dict(atol=2e-2, rtol=2e-2)))
+    torch.testing.assert_close(int8_gemv_triton(x, q, scale, b), want, **(TOL if m == 1 or not CUDA else dict(atol=2e-2, rtol=2e-2)))
+    with pytest.raises(ValueError, match="int8_gemv_triton takes"):
+        int8_gemv_triton(rand(17, k, gen=gen), q, scale)
+
+
+def test_quant_dispatch_keeps_batch_shape_and_references_off_the_fast_path():
+    """[B, T, K] inputs; float32 and > 16 rows take the reference (dequantize, then F.linear)."""
+    gen = torch.Generator().manual_seed(5)
+    x, w, b = rand(1, 20, 64, gen=gen), rand(24, 64, gen=gen), rand(24, gen=gen)
+    q, scale = quantize_int8(w)
+    torch.testing.assert_close(int8_gemv(x, q, scale, b), int8_gemv_reference(x, q, scale, b))
+    packed, s4, z4 = quantize_int4(w, 32)
+    assert int4_gemv(x, packed, s4, z4, 32, b).shape == (1, 20, 24)
+    torch.testing.assert_close(int4_gemv(x, packed, s4, z4, 32, b), int4_gemv_reference(x, packed, s4, z4, 32, b))
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_gpu_quant_gemv_bf16(m, bits):
+    """7B gate/up shape in bf16 through the dispatcher (the Triton path) vs the fp32 reference."""
+    gen = torch.Generator().manual_seed(m + bits)
+    x, w, b = rand(m, 4096, dtype=torch.bfloat16, gen=gen), rand(22016, 4096, dtype=torch.bfloat16, gen=gen), \
+        rand(22016, dtype=torch.bfloat16, gen=gen)
+    if bits == 8:
+        q, scale = quantize_int8(w)
+        got, want = int8_gemv(x[None], q, scale, b)[0], F.linear(x.float(), dequantize_int8(q, scale).float(), b.float())
+    else:
+        packed, scale, zero = quantize_int4(w, 128)
+        got = int4_gemv(x[None], packed, scale, zero, 128, b)[0]
+        want = F.linear(x.float(), dequantize_int4(packed, scale, zero, 4096, 128).float(), b.float())
+    torch.testing.assert_close(got.float(), want, atol=0.5, rtol=2e-2)
 
 
 # ---------------------------------------------------------------- RoPE + KV-store write (graph-mode steps)

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from triforce.cache import KVCache
 from triforce.models.llama import Transformer
+from triforce.models.quant import QuantTransformer, refuse_quantized_target
 from triforce.sampling import process_logits, sample, speculative_verify
 
 
@@ -75,6 +76,8 @@ class SpeculativeEngine:
                  group: dist.ProcessGroup | None = None, gpu_timing: bool = False):
         if not tiers:
             raise ValueError("the engine needs at least the target tier")
+        if isinstance(tiers[0].model, QuantTransformer):
+            refuse_quantized_target(tiers[0].model.weights)
         for t in tiers[:-1]:
             if t.gamma < 1:
                 raise ValueError(f"gamma of tier {t.name!r} must be >= 1, got {t.gamma}")

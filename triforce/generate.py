@@ -22,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from triforce import tp as tpar
 from triforce.cache import FullCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
+from triforce.kernels.quant_gemv import check_group_size
 from triforce.lookup import LookupCache, PromptLookup
 from triforce.models.llama import ModelArgs, Transformer, build_model, check_tp, embedded_gguf, load_hf_dir, resolve_checkpoint
+from triforce.models.quant import QuantLinear, QuantTransformer, check_weights, quantized_view, refuse_quantized_target
 from triforce.sampling import check_sampling
 
 log = logging.getLogger("triforce")
@@ -107,6 +109,7 @@ class Generator:
             raise ValueError(f"cache.budget ({cfg.cache.budget}) must be >= cache.chunk_size ({cfg.cache.chunk_size}) >= 1")
         if str(cfg.get("offload", "auto")).lower() not in ("auto", "true", "false"):
             raise ValueError(f"offload must be auto, true or false, got {cfg.offload!r}")
+        self.middle_weights, self.tiny_weights = self._check_weights(cfg)
         self.launch = tpar.resolve_launch(cfg.get("tp"))
         self.tp, self.rank = self.launch.tp, self.launch.rank
         cfg.tp = self.tp
@@ -157,6 +160,10 @@ class Generator:
             self.model, _ = load_hf_dir(target_dir, self.device, self.dtype, self.context_length, tp_group=self.group)
         self.model.eval()
         self._tiers, self.plan = None, None
+        # the middle tier runs the target's weights or, with cache.weights=int8|int4, a quantized
+        # view of them (shared embedding and norms); the target always runs its own
+        group, head = int(cfg.get("quant_group_size", 128)), bool(cfg.get("quant_head", True))
+        self.middle = quantized_view(self.model, self.middle_weights, group, head) if self.has_retrieval else self.model
         self.draft = None
         if self.has_tiny:
             # a separate tiny draft is replicated on every rank (no collectives in its steps); a
@@ -165,12 +172,17 @@ class Generator:
                 self.draft = PromptLookup(self.args.vocab_size)
             elif draft_dir is not None:
                 self.draft, dargs = load_hf_dir(draft_dir, self.device, self.dtype)
+                self.draft = quantized_view(self.draft, self.tiny_weights, group, head)
             elif m.get("draft_args"):
                 dargs = ModelArgs(**OmegaConf.to_container(m.draft_args))
                 self.draft = build_model(dargs, None, self.device, self.dtype, seed=cfg.seed + 1)
+                self.draft = quantized_view(self.draft, self.tiny_weights, group, head)
             else:
                 keep = list(m.draft_layers) if m.draft_layers else list(range(self.args.n_layers))
-                self.draft = self.model.layer_subset(keep)
+                if self.tiny_weights == self.middle_weights:  # the middle tier's (quantized) layers serve it too
+                    self.draft = self.middle.layer_subset(keep)
+                else:  # quantize only the layers the self-draft uses
+                    self.draft = quantized_view(self.model.layer_subset(keep), self.tiny_weights, group, head)
             if isinstance(self.draft, Transformer) and self.draft.args.vocab_size != self.args.vocab_size:
                 raise ValueError(f"draft vocabulary ({self.draft.args.vocab_size}) differs from the target's "
                                  f"({self.args.vocab_size}): the tiny draft must share the target's tokenizer")
@@ -210,6 +222,27 @@ class Generator:
                         "(acceptance 1, no speedup); use draft.cache=streaming or model.draft_layers")
         return kind
 
+    @staticmethod
+    def _check_weights(cfg: DictConfig) -> tuple[str, str]:
+        """cache.weights / draft.weights (before any weight is loaded): known formats, a valid group
+        size for int4, no quantized target, and no weights for the weightless lookup draft."""
+        refuse_quantized_target(cfg.get("weights") or cfg.model.get("weights"))
+        middle, tiny = str(cfg.cache.get("weights", "bf16")), str(cfg.draft.get("weights", "bf16"))
+        check_weights("cache.weights", middle)
+        check_weights("draft.weights", tiny)
+        if "int4" in (middle, tiny):
+            check_group_size(int(cfg.get("quant_group_size", 128)))
+        if tiny != "bf16" and cfg.model.get("draft_path") == "lookup" and cfg.pipeline == "triforce":
+            raise ValueError(f"draft.weights={tiny}: the prompt-lookup draft (model.draft_path=lookup) has no weights "
+                             f"to quantize; use draft.weights=bf16 or a model draft")
+        return middle, tiny
+
+    def quantized_bytes(self) -> int:
+        """Bytes of the quantized draft copies (middle and tiny tier; a copy they share counted once)."""
+        mods = {id(m): m for v in (self.middle, self.draft) if isinstance(v, QuantTransformer)
+                for m in v.modules() if isinstance(m, QuantLinear)}
+        return sum(m.nbytes for m in mods.values())
+
     def _check_draft_tokenizer(self, draft_dir: Path) -> None:
         dargs = ModelArgs.from_hf_config(json.loads((draft_dir / "config.json").read_text()))
         if dargs.vocab_size != self.args.vocab_size:
@@ -245,12 +278,13 @@ class Generator:
             chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
             draft_cache_tokens=draft_tokens,
             draft_owns_weights=isinstance(self.draft, Transformer) and self.draft.embed_tokens is not self.model.embed_tokens,
+            quantized_bytes=self.quantized_bytes(),
             # what SelectionCache.keeps_copies allocates on the GPU: copies only for policies that are
             # not graph-ready (squeeze_*, quantized KV), whether or not graphs are on
             selection_copies=bool(cfg.cache.get("kv_bits")) or str(cfg.cache.policy).startswith("squeeze"),
             chunk_summaries=str(cfg.cache.policy).endswith("quest") or (
                 str(cfg.cache.policy).endswith("retrieval") and str(cfg.cache.get("reselect", "once")) != "once"),
-            cuda_graphs=bool(cfg.cuda_graphs), draft_gamma=d.gamma if self.n_tiers == 3 else None)
+            cuda_graphs=bool(cfg.cuda_graphs), draft_gamma=d.gamma if self.has_retrieval and self.has_tiny else None)
 
     def _check_memory(self, needed: int, what: str) -> None:
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -295,11 +329,12 @@ class Generator:
             c = dict(OmegaConf.to_container(cfg.cache))
             policy = c.pop("policy")
             budget, chunk, reselect = c.pop("budget"), c.pop("chunk_size"), c.pop("reselect", "once")
+            c.pop("weights", None)  # what the tier runs, not how its cache selects
             budget = plan.budget if plan is not None and plan.budget else budget
             from triforce.policies import make_policy
 
             mid = make_policy(policy, full, self.model, budget, chunk, reselect, **c)
-            tiers.append(Tier(policy, self.model, mid, gamma=cfg.draft.gamma))
+            tiers.append(Tier(policy, self.middle, mid, gamma=cfg.draft.gamma))  # policies see the target (hooks)
         if isinstance(self.draft, PromptLookup):
             tiers.append(Tier("lookup", self.draft, LookupCache(capacity, self.device)))
         elif self.draft_cache == "full":
@@ -381,7 +416,8 @@ class Generator:
         decode = seconds - engine.prefill_seconds
         stats = {
             "pipeline": self.cfg.pipeline, "model": self.cfg.model.name, "device": str(self.device), "tp": self.tp,
-            "dtype": str(self.dtype).removeprefix("torch."), "prompt_tokens": prompt_len, "generated_tokens": n,
+            "dtype": str(self.dtype).removeprefix("torch."), "middle_weights": self.middle_weights if self.has_retrieval else None,
+            "tiny_weights": self.tiny_weights if self.has_tiny else None, "prompt_tokens": prompt_len, "generated_tokens": n,
             "prefill_seconds": engine.prefill_seconds, "decode_seconds": decode,
             "tokens_per_second": n / decode if decode > 0 else None, "tiers": engine.stats(n),
         }
@@ -394,8 +430,9 @@ class Generator:
                 if isinstance(t.cache, StreamingCache):
                     kv = t.cache.sinks + t.cache.window
                 a = t.model.local_args
-                moved += t.stats.forwards * (a.weight_bytes(self.dtype.itemsize)
-                                             + kv * a.kv_bytes_per_token(self.dtype.itemsize))
+                weights = (t.model.step_weight_bytes() if isinstance(t.model, QuantTransformer)
+                           else a.weight_bytes(self.dtype.itemsize))
+                moved += t.stats.forwards * (weights + kv * a.kv_bytes_per_token(self.dtype.itemsize))
             stats["bandwidth_gb_s"] = moved / decode / 1e9 if decode > 0 else None
         if self.plan is not None:
             stats["memory_plan"] = self.plan.describe()

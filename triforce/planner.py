@@ -103,7 +103,7 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                 draft_cache_tokens: int = 1600, draft_owns_weights: bool = True,
                 transfer_chunk: int = 16384, max_resident: int | None = None,
                 selection_copies: bool = True, chunk_summaries: bool = True,
-                cuda_graphs: bool = True, draft_gamma: int | None = None) -> MemoryPlan:
+                cuda_graphs: bool = True, draft_gamma: int | None = None, quantized_bytes: int = 0) -> MemoryPlan:
     """Fit a run of `context` tokens into `gpu_bytes` of GPU and `host_bytes` of pinned host memory.
 
     offload: "false" (all KV on the GPU or refuse), "true" (offloaded cache, at least one layer
@@ -116,6 +116,9 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     chunk_summaries: it stores chunk summaries (retrieval with reselect != "once", Quest).
     cuda_graphs: count the graph pools of each tier's captured steps (`triforce.graphs.graph_sizes`);
     draft_gamma: the retrieval tier's gamma when a tier below drafts for it (None: it is the bottom).
+    quantized_bytes: the drafts' quantized weight copies (`cache.weights` / `draft.weights` int8 or
+    int4; `triforce.models.quant.quant_weight_bytes`), on the GPU beside the target's weights: with
+    offloading every byte of them is a byte less for resident target KV layers.
     Raises ValueError naming the GiB needed and available and what to change.
     """
     mode = _mode(offload)
@@ -145,9 +148,11 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
         if draft_args is not None:
             steps["tiny"] = (draft_args, bottom)
     graphs = sum(graph_memory(a, sizes, dtype_bytes) for a, sizes in steps.values())
-    fixed = weights + draft + workspace + graphs
+    fixed = weights + draft + quantized_bytes + workspace + graphs
     if fixed > gpu_bytes:
-        raise ValueError(f"the target's weights alone need {gib(weights)} GiB (plus {gib(draft)} GiB for the draft and "
+        quant = (f", {gib(quantized_bytes)} GiB for the quantized draft weights (cache.weights / draft.weights=bf16 "
+                 f"drop them)" if quantized_bytes else "")
+        raise ValueError(f"the target's weights alone need {gib(weights)} GiB (plus {gib(draft)} GiB for the draft{quant} and "
                          f"{gib(workspace + graphs)} GiB of workspace and CUDA graph pools) but the GPU has {gib(gpu_bytes)} GiB: use a bigger GPU "
                          f"or a smaller model (offloading moves only the KV cache)")
 
@@ -156,7 +161,7 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     def plan(offloaded: bool, resident: int, piece: int | None, fitted: int, extra: dict[str, int]) -> MemoryPlan:
         # per offloaded layer, the device mirror a graphed retrieval draft reads: its selected KV + the tail
         mirror = (fitted + tail_tokens) * token_layer * (n_layers - resident) if offloaded and fitted else 0
-        parts = {"weights": weights, "draft": draft, "target KV": resident * layer_kv,
+        parts = {"weights": weights, "draft": draft, "quantized drafts": quantized_bytes, "target KV": resident * layer_kv,
                  "retrieval": retrieval_memory(args, context, fitted, chunk_size, dtype_bytes,
                                                offloaded or selection_copies, chunk_summaries), **extra,
                  "mirror": mirror, "workspace": workspace, "graphs": graphs}

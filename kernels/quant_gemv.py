@@ -1,0 +1,236 @@
+"""Dequantize-in-GEMV for weight-quantized draft tiers: y = x @ dequant(W)^T (+ bias) for 1-16 rows.
+
+A decode or verify step of a draft tier reads every weight once for a few tokens, so its cost is
+the weight bytes: int8 halves them, int4 quarters them (plus 1/32 for scales and zeros at group
+128). Each kernel reads the packed weight once and dequantizes in registers; nothing is expanded
+in memory. Formats (computed at load, round to nearest):
+
+- int8, per output channel, symmetric: W[n, k] ~ q[n, k] * scale[n]; q int8 [N, K] in -127..127,
+  scale [N] in the compute dtype. The scale factors out of the dot product: applied once per row.
+- int4, groups of `group` (32, 64 or 128) along K, asymmetric: W[n, k] ~ (q[n, k] - zero[n, g]) *
+  scale[n, g] with g = k // group; q in 0..15, two per uint8 (even k in the low nibble, k + 1 in the
+  high one), [N, groups * group / 2] (K padded with zeros to whole groups); scale, zero
+  [N, groups] in the compute dtype (zero is an integer 0..15, so a zero weight stays exactly 0).
+
+Dispatch as kernels/gemv.py: CUDA + bf16/fp16 + <= 16 rows -> Triton, else the reference
+(dequantize, then F.linear): CPU, float32, and prefill-sized row counts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import tl, triton, use_triton
+
+MAX_ROWS = 16  # rows of x one program holds (tl.dot needs >= 16 on a side)
+GROUP_SIZES = (32, 64, 128)  # powers of two: a kernel block holds whole groups
+
+
+# ----------------------------------------------------------------------------- formats (PyTorch)
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8 of w [N, K]: (q int8 [N, K], scale [N] in w's dtype)."""
+    wf = w.float()
+    scale = (wf.abs().amax(1) / 127).to(w.dtype)
+    s = scale.float().clamp_min(torch.finfo(torch.float32).tiny)  # all-zero row: q = 0
+    q = (wf / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (q.float() * scale.float()[:, None]).to(scale.dtype)
+
+
+def check_group_size(group: int) -> None:
+    if group not in GROUP_SIZES:
+        raise ValueError(f"int4 group size must be one of {GROUP_SIZES} (quant_group_size), got {group}")
+
+
+def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grouped asymmetric int4 of w [N, K]: (packed uint8 [N, G*group/2], scale [N, G], zero [N, G]).
+
+    Each group's range is widened to include 0 (so the integer zero point exists); K is padded with
+    zeros to whole groups, which then changes no group's range.
+    """
+    check_group_size(group)
+    n, k = w.shape
+    groups = -(-k // group)
+    wf = F.pad(w.float(), (0, groups * group - k)).view(n, groups, group)
+    lo, hi = wf.amin(2).clamp(max=0), wf.amax(2).clamp(min=0)
+    scale = ((hi - lo) / 15).to(w.dtype)
+    s = scale.float()
+    s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero group: q = zero = 0
+    zero = (-lo / s).round().clamp(0, 15)
+    q = ((wf / s[..., None]).round() + zero[..., None]).clamp(0, 15).to(torch.uint8).view(n, groups * group)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, zero.to(w.dtype)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group: int) -> torch.Tensor:
+    """[N, k] in scale's dtype: (q - zero) * scale per group, the padding dropped."""
+    n, groups = scale.shape
+    q = torch.stack((packed & 15, packed >> 4), -1).view(n, groups, group).float()
+    w = (q - zero.float()[..., None]) * scale.float()[..., None]
+    return w.view(n, groups * group)[:, :k].to(scale.dtype)
+
+
+def int8_gemv_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, dequantize_int8(q, scale), bias)
+
+
+def int4_gemv_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, dequantize_int4(packed, scale, zero, x.shape[-1], group), bias)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+if triton is not None:
+
+    @triton.jit
+    def _int8_gemv_kernel(X, W, S, B, Y, M, N, K, sxm, swn, sym,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        n_ok = n < N
+        if DOT:  # several rows: tensor cores on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        else:  # one row: a multiply-add per weight element
+            acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+            if DOT:
+                x = tl.load(X + m[:, None] * sxm + k[None, :], mask=(m[:, None] < M) & k_ok[None, :], other=0.0)
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # int8 values are exact in bf16/fp16
+            else:
+                x = tl.load(X + k, mask=k_ok, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
+        s = tl.load(S + n, mask=n_ok, other=0.0).to(tl.float32)
+        if DOT:
+            acc = acc * s[None, :]
+            if HAS_BIAS:
+                acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & n_ok[None, :])
+        else:
+            acc = acc * s
+            if HAS_BIAS:
+                acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _int4_gemv_kernel(X, Q, S, Z, B, Y, M, N, K, KB, sxm, sqn, ssn, sym,
+                          GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+                          DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
+        H: tl.constexpr = GROUP // 2  # bytes of one group
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = tl.arange(0, BLOCK_M)
+        j = tl.arange(0, H)
+        n_ok = n < N
+        if DOT:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        else:  # per-lane partial sums, reduced once at the end (not once per group)
+            acc2 = tl.zeros([BLOCK_N, GROUP], tl.float32)
+        for b0 in range(0, KB, H * GROUPS):
+            for gg in tl.static_range(GROUPS):
+                # masks on the byte index (contiguous, KB a multiple of 16) keep the loads vectorized
+                byte = b0 + gg * H + j
+                b_ok = byte < KB
+                p = tl.load(Q + n[:, None] * sqn + byte[None, :], mask=n_ok[:, None] & b_ok[None, :], other=0).to(tl.int32)
+                # nibble -> float32 without an int-to-float conversion: the bits of 2^23 + q, minus 2^23
+                lo = ((p & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                hi = ((p >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                g = (b0 + gg * H) // H
+                g_ok = n_ok & (tl.full([BLOCK_N], b0 + gg * H, tl.int32) < KB)
+                s = tl.load(S + n * ssn + g, mask=g_ok, other=0.0).to(tl.float32)
+                z = tl.load(Z + n * ssn + g, mask=g_ok, other=0.0).to(tl.float32)
+                # the group in natural k order: lo and hi nibbles interleaved, x read contiguously
+                kk = 2 * (b0 + gg * H) + tl.arange(0, GROUP)
+                q = tl.reshape(tl.join(lo, hi), (BLOCK_N, GROUP))
+                if DOT:  # dequantize, then tensor cores
+                    x = tl.load(X + m[:, None] * sxm + kk[None, :], mask=(m[:, None] < M) & (kk < K)[None, :], other=0.0)
+                    w = (q - z[:, None]) * s[:, None]
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+                else:
+                    x = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+                    acc2 += (q - z[:, None]) * (s[:, None] * x[None, :])
+        if DOT:
+            if HAS_BIAS:
+                acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & n_ok[None, :])
+        else:
+            out = tl.sum(acc2, 1)
+            if HAS_BIAS:
+                out += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(Y + n, out.to(Y.dtype.element_ty), mask=n_ok)
+
+
+def _check_rows(name: str, x: torch.Tensor, k: int) -> None:
+    if x.dim() != 2 or x.shape[0] > MAX_ROWS or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"{name} takes x [<= {MAX_ROWS}, {k}] with contiguous rows, got {tuple(x.shape)}")
+
+
+def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                     block_k: int | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 16) times the int8 weight q [N, K] (scale [N]) -> [M, N] in x's dtype."""
+    n, k = q.shape
+    _check_rows("int8_gemv_triton", x, k)
+    if q.stride(1) != 1 or scale.shape != (n,):
+        raise ValueError(f"int8_gemv_triton takes q [N, K] with contiguous rows and scale [N], got "
+                         f"{tuple(q.shape)} and {tuple(scale.shape)}")
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    # best of a sweep on the H200 over the 7B shapes: one row FMA, several tl.dot
+    block_n, warps, bk, dot = (4, 4, 2048, False) if m == 1 else (32, 4, 512, True)
+    _int8_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, q, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0),
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k or bk, DOT=dot, HAS_BIAS=bias is not None,
+        num_stages=3, num_warps=warps)
+    return y
+
+
+def int4_gemv_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+                     bias: torch.Tensor | None = None, groups_per_step: int | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 16) times the int4 weight (packed [N, G*group/2], scale/zero [N, G]) -> [M, N]."""
+    check_group_size(group)
+    n, groups = scale.shape
+    k = x.shape[-1]
+    _check_rows("int4_gemv_triton", x, k)
+    if (packed.shape != (n, groups * group // 2) or zero.shape != scale.shape or groups != -(-k // group)
+            or packed.stride(1) != 1 or scale.stride(1) != 1 or zero.stride() != scale.stride()):
+        raise ValueError(f"int4_gemv_triton: packed {tuple(packed.shape)}, scale {tuple(scale.shape)}, zero "
+                         f"{tuple(zero.shape)} do not describe K={k} in groups of {group}")
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    # groups per loop step (unrolled), rows per program, warps: best of a sweep on the H200 over the 7B shapes
+    block_n, per_step, warps, dot = (16, 4, 4, False) if m == 1 else (32, 2, 4, True)
+    _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, packed, scale, zero, bias if bias is not None else scale, y, m, n, k, packed.shape[1], x.stride(0),
+        packed.stride(0), scale.stride(0), y.stride(0), GROUP=group, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+        GROUPS=groups_per_step or per_step, DOT=dot, HAS_BIAS=bias is not None, num_stages=2, num_warps=warps)
+    return y
+
+
+def _triton_rows(x: torch.Tensor, *weights: torch.Tensor) -> int | None:
+    """Rows of x when the Triton path applies (CUDA, bf16/fp16, <= 16 rows), else None."""
+    rows = x.numel() // x.shape[-1]
+    ok = rows <= MAX_ROWS and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and use_triton(x, *weights)
+    return rows if ok else None
+
+
+def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, dequantize_int8(q, scale), bias) for x [..., K]; Triton for decode/verify on CUDA."""
+    rows = _triton_rows(x, q)
+    if rows is None:
+        return int8_gemv_reference(x, q, scale, bias)
+    return int8_gemv_triton(x.reshape(rows, x.shape[-1]), q, scale, bias).view(*x.shape[:-1], q.shape[0])
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, dequantize_int4(...), bias) for x [..., K]; Triton for decode/verify on CUDA."""
+    rows = _triton_rows(x, packed)
+    if rows is None:
+        return int4_gemv_reference(x, packed, scale, zero, group, bias)
+    return int4_gemv_triton(x.reshape(rows, x.shape[-1]), packed, scale, zero, group, bias).view(*x.shape[:-1], scale.shape[0])

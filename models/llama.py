@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from triforce.kernels import fused_gemv
 from triforce.kernels.gemv import gemv
 
 
@@ -307,17 +308,22 @@ class Attention(nn.Module):
     def fuse(self) -> None:
         _fuse(self, "wqkv", [self.q_proj, self.k_proj, self.v_proj])
 
-    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """The fused q/k/v projection (a quantized draft's view overrides the projections)."""
-        return gemv(x, self.wqkv, self.wqkv_bias)
+    def project_qkv(self, x: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNorm", fused: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the fused q/k/v projection of its norm); a quantized draft's view overrides
+        the projections."""
+        return norm_project(x, delta, norm, self.wqkv, self.wqkv_bias, fused)
 
     def project_out(self, x: torch.Tensor) -> torch.Tensor:
         return gemv(x, self.o_proj.weight)
 
     def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
-        b, t, _ = x.shape
+        return self.attend(gemv(x, self.wqkv, self.wqkv_bias), cache, layer)
+
+    def attend(self, qkv: torch.Tensor, cache, layer: int) -> torch.Tensor:
+        """Attention and the o projection of the fused q/k/v projection's output [B, T, (H + 2 KVH) D]."""
+        b, t, _ = qkv.shape
         hd = self.head_dim
-        qkv = self.project_qkv(x)
         q, k, v = qkv.split((self.n_heads * hd, self.n_kv_heads * hd, self.n_kv_heads * hd), dim=-1)
         q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
@@ -345,15 +351,22 @@ class FeedForward(nn.Module):
     def fuse(self) -> None:
         _fuse(self, "w13", [self.gate_proj, self.up_proj])
 
-    def project_gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv(x, self.w13)
-
-    def project_down(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv(x, self.down_proj.weight)
+    def project_gate_up(self, x: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNorm", fused: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, the fused gate/up projection of its norm)."""
+        return norm_project(x, delta, norm, self.w13, None, fused)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.project_gate_up(x).chunk(2, dim=-1)
-        out = self.project_down(swiglu(gate, up))
+        return self.down(gemv(x, self.w13))
+
+    def down(self, gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """down_proj(silu(gate) * up) of the fused gate/up projection's output [..., 2 I]; with `fused`
+        one Triton kernel (SwiGLU in the GEMV's prologue), else the compiled SwiGLU and a GEMV."""
+        if fused:
+            out = fused_gemv.swiglu_gemv_triton(gate_up, self.down_proj.weight)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = gemv(swiglu(gate, up), self.down_proj.weight)
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
         return out
@@ -367,13 +380,40 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
         self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, cache, layer: int, next_norm: RMSNorm
+    def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cache, layer: int, fused: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x is the residual stream, h = input_layernorm(x). Returns the new x and next_norm(x):
-        each residual add runs fused with the norm that follows it (one kernel, not two)."""
-        x, h = add_rms_norm(x, self.self_attn(h, cache, layer), self.post_attention_layernorm.weight,
-                            self.post_attention_layernorm.eps)
-        return add_rms_norm(x, self.mlp(h), next_norm.weight, next_norm.eps)
+        """The residual stream is handed on as (x, delta), its sum not yet formed: each residual add
+        runs with the norm after it, in one kernel (or, `fused`, inside the next projection's GEMV).
+        Returns the stream after attention and this block's MLP output, the next block's delta."""
+        x, qkv = self.self_attn.project_qkv(x, delta, self.input_layernorm, fused)
+        x, gate_up = self.mlp.project_gate_up(x, self.self_attn.attend(qkv, cache, layer),
+                                              self.post_attention_layernorm, fused)
+        return x, self.mlp.down(gate_up, fused)
+
+
+def norm_project(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm, w: torch.Tensor,
+                 bias: torch.Tensor | None, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, F.linear(norm(x + delta), w, bias)); no add when delta is None.
+
+    `fused`: one Triton kernel (the add and RMSNorm in the GEMV's prologue); else the compiled
+    add + norm and the GEMV (cuBLAS where a bias is added), the numerics of every CPU/fp32 run.
+    """
+    if fused:
+        return fused_gemv.add_norm_gemv_triton(x, delta, norm.weight, norm.eps, w, bias)
+    x, h = add_norm(x, delta, norm)
+    return x, gemv(h, w, bias)
+
+
+def add_norm(x: torch.Tensor, delta: torch.Tensor | None, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)) in one compiled kernel; no add when delta is None."""
+    if delta is None:
+        return x, norm(x)
+    return add_rms_norm(x, delta, norm.weight, norm.eps)
+
+
+def fused_projections_supported(x: torch.Tensor) -> bool:
+    """Whether a forward over embeddings `x` may take the fused-projection kernels (CUDA, bf16/fp16, <= 16 rows)."""
+    return fused_gemv.supported(x)
 
 
 class Transformer(nn.Module):
@@ -391,6 +431,10 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(args, self.context_length)
+        # decode/verify steps (<= 16 tokens, bf16/fp16, CUDA) fold each residual add + RMSNorm into the
+        # next projection's GEMV and SwiGLU into the down projection's: 7 kernels per layer, not 10.
+        # Elsewhere (CPU, float32, prefill chunks) the unfused path runs regardless. False: always unfused.
+        self.fused_projections = True
 
     @property
     def n_kv_heads(self) -> int:
@@ -417,17 +461,18 @@ class Transformer(nn.Module):
         """
         cache.begin(tokens.shape[1])
         x = self.embed_tokens(tokens)
-        h = self.layers[0].input_layernorm(x)
+        fused = self.fused_projections and fused_projections_supported(x)
+        delta = None
         for i, block in enumerate(self.layers):
-            nxt = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
-            x, h = block(x, h, cache, i, nxt)
+            x, delta = block(x, delta, cache, i, fused)
         cache.advance(tokens.shape[1])
-        if last is not None:
-            h = h[:, h.shape[1] - last:]
-        return self.project_logits(h)
+        if last is not None:  # rows are normed independently: drop the others before the final norm
+            x, delta = x[:, x.shape[1] - last:], delta[:, delta.shape[1] - last:]
+        return self.project_logits(x, delta, fused and x.shape[1] > 0)
 
-    def project_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return gemv(h, self.lm_head.weight).float()
+    def project_logits(self, x: torch.Tensor, delta: torch.Tensor, fused: bool) -> torch.Tensor:
+        """Float32 logits of the final norm of x + delta (a quantized view may quantize the head)."""
+        return norm_project(x, delta, self.norm, self.lm_head.weight, None, fused)[1].float()
 
     def layer_subset(self, keep: list[int]) -> "Transformer":
         """A layer-skipping self-draft: blocks `keep` with the shared embedding, norm and head.
@@ -441,6 +486,7 @@ class Transformer(nn.Module):
         draft.args = ModelArgs(**{f.name: getattr(self.args, f.name) for f in fields(ModelArgs)})
         draft.args.n_layers = len(keep)
         draft.context_length, draft.tp_group = self.context_length, self.tp_group
+        draft.fused_projections = self.fused_projections
         draft.embed_tokens, draft.norm, draft.lm_head, draft.rotary = self.embed_tokens, self.norm, self.lm_head, self.rotary
         draft.layers = nn.ModuleList(self.layers[i] for i in keep)
         return draft

@@ -15,11 +15,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from triforce.kernels.quant_gemv import (check_group_size, dequantize_int4, dequantize_int8, int4_gemv, int8_gemv,
                                          quantize_int4, quantize_int8)
-from triforce.models.llama import Attention, Block, FeedForward, ModelArgs, Transformer
+from triforce.models.llama import Attention, Block, FeedForward, ModelArgs, Transformer, add_norm, swiglu
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4")  # "bf16": the compute dtype, i.e. the target's own weights (no copy)
 
@@ -112,8 +113,9 @@ class QuantAttention(Attention):
         self.wqkv = QuantLinear(attn.wqkv, attn.wqkv_bias, bits, group_size)
         self.wo = QuantLinear(attn.o_proj.weight, None, bits, group_size)
 
-    def project_qkv(self, x: torch.Tensor) -> torch.Tensor:
-        return self.wqkv(x)
+    def project_qkv(self, x: torch.Tensor, delta: torch.Tensor | None, norm, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, h = add_norm(x, delta, norm)  # the fused-norm GEMVs read bf16 weights; these dequantize
+        return x, self.wqkv(h)
 
     def project_out(self, x: torch.Tensor) -> torch.Tensor:
         return self.wo(x)
@@ -128,11 +130,16 @@ class QuantFeedForward(FeedForward):
         self.w13 = QuantLinear(mlp.w13, None, bits, group_size)
         self.w2 = QuantLinear(mlp.down_proj.weight, None, bits, group_size)
 
-    def project_gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w13(x)
+    def project_gate_up(self, x: torch.Tensor, delta: torch.Tensor | None, norm, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, h = add_norm(x, delta, norm)
+        return x, self.w13(h)
 
-    def project_down(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(x)
+    def down(self, gate_up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = self.w2(swiglu(gate, up))
+        if self.tp_group is not None:
+            dist.all_reduce(out, group=self.tp_group)
+        return out
 
 
 class QuantTransformer(Transformer):
@@ -144,10 +151,10 @@ class QuantTransformer(Transformer):
     weights: str
     group_size: int
 
-    def project_logits(self, h: torch.Tensor) -> torch.Tensor:
+    def project_logits(self, x: torch.Tensor, delta: torch.Tensor, fused: bool) -> torch.Tensor:
         if isinstance(self.lm_head, QuantLinear):
-            return self.lm_head(h).float()
-        return super().project_logits(h)
+            return self.lm_head(add_norm(x, delta, self.norm)[1]).float()
+        return super().project_logits(x, delta, fused)
 
     def layer_subset(self, keep: list[int]) -> "QuantTransformer":
         draft = super().layer_subset(keep)

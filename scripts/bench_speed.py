@@ -1,4 +1,4 @@
-"""Speed benchmark on one GPU (issue 4): each tier's step against its byte floor, and end to end.
+"""Speed benchmark on one GPU: each tier's step against its byte floor, and end to end.
 
 Part 1 (Llama-2-7B-128K shape, random bf16 weights, KV filled with random values, CUDA graphs):
 copy bandwidth; autoregressive step and verify steps (gamma+1 in 2,4,8,16) at each context vs
@@ -9,8 +9,12 @@ autoregressive decoding at the longest context.
 Part 2 (--smollm2 GGUF): real SmolLM2-135M at ~1K and ~7K tokens of prose: autoregressive,
 retrieval and triforce pipelines (model draft, and n-gram prompt-lookup draft) vs HF generate
 (static cache, prompt lookup), all in one run.
+Part qwen (Qwen2.5-1.5B target, Qwen2.5-0.5B tiny draft, random bf16 weights): 0.5B decode over a
+streaming cache, 1.5B AR at 8K/32K, verify of 2/4/8 at 32K, retrieval tier at 4K, each vs its floor
+and with the fused projections ON and OFF in the same run (A/B); end to end at 32K, acceptance
+INJECTED: AR vs draft [target, tiny] vs triforce. About 2-3 minutes on an H200.
 
-    python scripts/bench_speed.py [--contexts 16384 32768 65536 0] [--smollm2 PATH.gguf] [--part 1 2]
+    python scripts/bench_speed.py [--contexts 16384 32768 65536 0] [--smollm2 PATH.gguf] [--part 1 2 qwen]
 Writes results/speed_<gpu>.json (+ .png) with a top-level `summary` of the issue's target ratios.
 """
 from __future__ import annotations
@@ -35,6 +39,13 @@ LLAMA2_7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_
                       max_position_embeddings=131072)
 LLAMA_68M = ModelArgs(vocab_size=32000, dim=768, n_layers=2, n_heads=12, n_kv_heads=12, intermediate_size=3072,
                       max_position_embeddings=2048)
+# Qwen2.5 shapes: tied embeddings, q/k/v bias, rope theta 1e6, a 151936-token vocabulary
+QWEN05 = ModelArgs(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_heads=2, head_dim=64,
+                   intermediate_size=4864, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768,
+                   tie_word_embeddings=True, attention_bias=True)
+QWEN15 = ModelArgs(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
+                   intermediate_size=8960, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=131072,
+                   tie_word_embeddings=True, attention_bias=True)
 DT = torch.bfloat16
 
 
@@ -76,6 +87,38 @@ def free_graphs(tiers: list) -> None:
         t.graphed = None
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def gpu_tag(name: str) -> str:
+    """Short GPU name for result files: h100, h200, ..."""
+    return "h100" if "H100" in name else name.split()[-1].lower()
+
+
+def random_prompt_prefill(tiers: list[Tier], ctx: int, prefill_s: list[float]):
+    """A stand-in for `engine._prefill` over a target KV already filled with random values.
+
+    The target cache takes the prompt's length; tiers reading the target's KV adopt it; a tier
+    with its own streaming cache gets one forward of sinks + window random tokens, then is told it
+    holds the whole prompt. The seconds it took go to prefill_s[0] (subtracted from e2e timings).
+    It refers to the tiers, not the engine: a cycle through the engine would keep every earlier run's
+    graphs alive until a garbage-collection pass, which could then run inside a capture.
+    """
+    device = tiers[0].model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def fake(progress=False):
+        sync()
+        t0 = time.perf_counter()
+        tiers[0].cache.length = ctx - 1
+        for t in tiers[1:]:
+            if not t.cache.adopt_prefix(ctx - 1):
+                n = t.cache.sinks + t.cache.window
+                t.model(torch.randint(0, t.model.args.vocab_size, (1, n), device=device), t.cache)
+                t.cache.length = ctx - 1
+                t.cache.start = ctx - 1 - t.cache.window
+        sync()
+        prefill_s[0] = time.perf_counter() - t0
+    return fake
 
 
 def step_ms(model, cache, n_new: int, reset, burst: int = 8) -> float:
@@ -146,56 +189,52 @@ def part1(args, out: dict) -> None:
     out["hf"] = hf_generate(args.hf_contexts)
 
 
-def e2e_injected(model, tiny, ctx: int, bw: float) -> list[dict]:
-    """Real engine at the longest context, acceptance decisions injected (benchmark-only).
+def engine_run(tiers: list[Tier], inject: dict[int, float], label: str, gamma: int, ctx: int, new: int) -> dict:
+    """One timed `generate` of `new` tokens after a `ctx`-token prompt whose KV is random, acceptance injected.
 
-    Decode time only: the stand-in prefill (random KV) is synchronised and subtracted; the
-    retrieval tier's one-off selection over the whole prompt stays in (it is paid per prompt).
+    Graphs are captured by an untimed run first. Decode time only: the stand-in prefill is
+    synchronised and subtracted; the retrieval tier's one-off selection over the whole prompt
+    stays in (it is paid per prompt). Per-tier GPU time comes from CUDA events around each forward
+    (no extra sync), so `host_overhead_ms_per_token` = ms/token - sum of the forwards' GPU times
+    per token: what the host (launches, sampling decisions, the round's syncs) adds on top.
     """
+    for level, t in enumerate(tiers):
+        t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
+    eng = SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance=inject, gpu_timing=True)
+    prefill_s = [0.0]
+    eng._prefill, eng.prefill_seconds = random_prompt_prefill(tiers, ctx, prefill_s), 0.0
+    prompt = torch.randint(0, tiers[0].model.args.vocab_size, (ctx,))
+    eng.generate(prompt, 32, seed=0)  # captures graphs
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = len(eng.generate(prompt, new, seed=1))
+    torch.cuda.synchronize()
+    sec = time.perf_counter() - t0 - prefill_s[0]
+    stats = eng.stats(n)
+    gpu_ms = sum(v["seconds"] for v in stats.values()) * 1e3
+    r = {"label": label, "context": ctx, "gamma": gamma, "injected": {str(k): v for k, v in inject.items()},
+         "tokens": n, "ms_per_token": 1e3 * sec / n, "forwards_gpu_ms_per_token": gpu_ms / n,
+         "host_overhead_ms_per_token": (1e3 * sec - gpu_ms) / n,
+         "tiers": {k: {m: v[m] for m in ("acceptance_rate", "mean_accepted_length", "rounds", "forwards", "ms_per_forward")}
+                   for k, v in stats.items()}}
+    print(json.dumps(r), flush=True)
+    free_graphs(tiers)
+    return r
+
+
+def e2e_injected(model, tiny, ctx: int, bw: float) -> list[dict]:
+    """Real engine at the longest context, acceptance decisions injected (benchmark-only): AR,
+    [target, retrieval] and [target, retrieval, tiny] (see `engine_run`)."""
     new = 256
     full = FullCache(model, ctx + new + 64)
     ret = RetrievalCache(full, model, 4096, 8)
     stream = StreamingCache(tiny, 16, 496, slack=64, max_forward=512)
-    prompt = torch.randint(0, 32000, (ctx,))
     fill_random(full, ctx - 1)
     results = []
-    prefill_s = [0.0]
-
-    def prefill(tiers):  # replaces the engine's prefill: the KV is already random, as in the step benches
-        def fake(progress=False):  # refers to the tiers, not the engine: no reference cycle keeps dead graphs alive
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            full.length = ctx - 1
-            ret.reset()
-            stream.reset()
-            for t in tiers[1:]:
-                if not t.cache.adopt_prefix(ctx - 1):
-                    tiny(torch.randint(0, 32000, (1, 512), device="cuda"), t.cache)
-                    t.cache.length = ctx - 1
-                    t.cache.start = ctx - 1 - 496
-            torch.cuda.synchronize()
-            prefill_s[0] = time.perf_counter() - t0
-        return fake
 
     def run(tiers, inject, label, gamma):
-        for level, t in enumerate(tiers):
-            t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
-        eng = SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance=inject)
-        eng._prefill, eng.prefill_seconds = prefill(tiers), 0.0
-        eng.generate(prompt, 32, seed=0)  # captures graphs
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        n = len(eng.generate(prompt, new, seed=1))
-        torch.cuda.synchronize()
-        sec = time.perf_counter() - t0 - prefill_s[0]
-        r = {"label": label, "context": ctx, "gamma": gamma, "injected": {str(k): v for k, v in inject.items()},
-             "tokens": n, "ms_per_token": 1e3 * sec / n,
-             "tiers": {k: {m: v[m] for m in ("acceptance_rate", "mean_accepted_length", "rounds", "forwards")}
-                       for k, v in eng.stats(n).items()}}
-        results.append(r)
-        print(json.dumps(r), flush=True)
-        free_graphs(tiers)
-        return r
+        results.append(engine_run(tiers, inject, label, gamma, ctx, new))
+        return results[-1]
 
     with torch.inference_mode():
         ar = run([Tier("target", model, full)], {}, "autoregressive", 0)
@@ -210,6 +249,76 @@ def e2e_injected(model, tiny, ctx: int, bw: float) -> list[dict]:
                 r["tiny_gamma"] = tiny_gamma
                 r["speedup_vs_ar"] = ar["ms_per_token"] / r["ms_per_token"]
     return results
+
+
+def part_qwen(args, out: dict) -> None:
+    """Qwen2.5-1.5B target with a Qwen2.5-0.5B tiny draft (random bf16 weights, CUDA graphs).
+
+    Steps against their byte floor (bytes read / the copy bandwidth measured in this run), each
+    with the fused projections (add + RMSNorm and SwiGLU inside the GEMVs) ON and OFF side by side:
+    0.5B decode over a streaming cache (16 sinks + 496 recent), 1.5B AR at 8K / 32K, verify of
+    2 / 4 / 8 tokens at 32K, retrieval tier at a 4K budget over 32K. Then end to end at 32K with
+    acceptance INJECTED (benchmark-only; random weights accept nothing), fused ON: AR vs
+    draft [target, tiny] vs triforce [target, retrieval, tiny].
+    """
+    bw = copy_bandwidth()
+    out["qwen_bandwidth_gb_s"] = bw
+    ctx, budget = 32768, 4096
+    big, small = QWEN15, QWEN05
+    wbytes, kvtok = big.weight_bytes(2), big.kv_bytes_per_token(2)
+    rows = []
+    with torch.inference_mode():
+        model = build_model(big, None, "cuda", DT, context_length=big.max_position_embeddings).eval()
+        tiny = build_model(small, None, "cuda", DT, seed=1).eval()
+        stream = StreamingCache(tiny, 16, 496, slack=32, max_forward=512)
+        tiny(torch.randint(0, small.vocab_size, (1, 512), device="cuda"), stream)
+        full = FullCache(model, ctx + 512)
+        fill_random(full, ctx)
+        ret = RetrievalCache(full, model, budget, 8)
+        ret.adopt_prefix(ctx)
+        model(torch.zeros(1, 1, dtype=torch.long, device="cuda"), ret)  # the selection step (eager)
+        ret.truncate(ctx)
+        for fused in (True, False):
+            model.fused_projections = tiny.fused_projections = fused
+            row = {"fused_projections": fused,
+                   "tiny05_step_ms": step_ms(tiny, stream, 1, lambda: stream.truncate(512)),
+                   "tiny05_floor_ms": (small.weight_bytes(2) + 512 * small.kv_bytes_per_token(2)) / bw / 1e6}
+            for c in (8192, ctx):
+                row[f"ar{c // 1024}k_ms"] = step_ms(model, full, 1, lambda c=c: full.truncate(c))
+                row[f"ar{c // 1024}k_floor_ms"] = (wbytes + c * kvtok) / bw / 1e6
+            for t in (2, 4, 8):
+                row[f"verify{t}_32k_ms"] = step_ms(model, full, t, lambda: full.truncate(ctx))
+            row["retrieval4k_ms"] = step_ms(model, ret, 1, lambda: ret.truncate(ctx))
+            row["retrieval4k_floor_ms"] = (wbytes + (budget + 8) * kvtok) / bw / 1e6
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        model.fused_projections = tiny.fused_projections = True
+        out["qwen_steps"] = rows
+        del ret, full
+        gc.collect()
+        torch.cuda.empty_cache()
+
+        new = 256
+        full = FullCache(model, ctx + new + 64)
+        ret = RetrievalCache(full, model, budget, 8)
+        stream = StreamingCache(tiny, 16, 496, slack=64, max_forward=512)
+        fill_random(full, ctx - 1)
+        e2e = [engine_run([Tier("target", model, full)], {}, "autoregressive", 0, ctx, new)]
+        ar = e2e[0]["ms_per_token"]
+        for rate in (0.7, 0.8, 0.9):  # the 0.5B draft's acceptance by the 1.5B target
+            for gamma in (4, 6):
+                e2e.append(engine_run([Tier("target", model, full, gamma=gamma), Tier("tiny", tiny, stream)],
+                                      {0: rate}, f"draft@{rate}", gamma, ctx, new))
+        for gamma, tiny_gamma in ((8, 4), (12, 4), (12, 6)):  # retrieval tier by the target 0.9, tiny by it 0.8
+            e2e.append(engine_run([Tier("target", model, full, gamma=gamma), Tier("retrieval", model, ret, gamma=tiny_gamma),
+                                   Tier("tiny", tiny, stream)], {0: 0.9, 1: 0.8}, "triforce@0.9", gamma, ctx, new))
+            e2e[-1]["tiny_gamma"] = tiny_gamma
+        for r in e2e[1:]:
+            r["speedup_vs_ar"] = ar / r["ms_per_token"]
+        out["qwen_e2e_injected"] = e2e
+    del model, tiny, full, ret, stream
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def hf_generate(contexts: list[int]) -> list[dict]:
@@ -328,6 +437,31 @@ def summarize(out: dict) -> dict:
             s["e2e_speedup_injected_expected_length"] = max(
                 r["speedup_vs_ar"] * (1 - 0.9 ** (r["gamma"] + 1)) / 0.1 / r["tiers"]["target"]["mean_accepted_length"]
                 for r in inj)
+        best = max(inj, key=lambda r: r["speedup_vs_ar"]) if inj else {}
+        if "host_overhead_ms_per_token" in best:  # ms/token beyond the forwards' GPU time, in the best 0.9 run
+            s["e2e_host_overhead_ms_per_token"] = best["host_overhead_ms_per_token"]
+    q = out.get("qwen_steps") or []
+    on = next((r for r in q if r["fused_projections"]), None)
+    off = next((r for r in q if not r["fused_projections"]), None)
+    if on:
+        s["tiny05_step_over_floor"] = on["tiny05_step_ms"] / on["tiny05_floor_ms"]
+        s["q15_ar_over_floor_32k"] = on["ar32k_ms"] / on["ar32k_floor_ms"]
+        s["q15_ar_over_floor_8k"] = on["ar8k_ms"] / on["ar8k_floor_ms"]
+        s["q15_verify_over_ar_32k"] = max(on[f"verify{t}_32k_ms"] / on["ar32k_ms"] for t in (2, 4, 8))
+        s["q15_retrieval4k_over_floor"] = on["retrieval4k_ms"] / on["retrieval4k_floor_ms"]
+    if on and off:  # A/B in one run: ms with the fused projections / without (below 1: fused is faster)
+        s["fused_over_unfused"] = {k.removesuffix("_ms"): on[k] / off[k] for k in on
+                                   if k.endswith("_ms") and not k.endswith("floor_ms")}
+    qe = out.get("qwen_e2e_injected") or []
+    if qe:
+        best = {}
+        for r in qe:
+            kind = r["label"].split("@")[0]
+            if kind not in best or r["ms_per_token"] < best[kind]["ms_per_token"]:
+                best[kind] = r
+        s["q15_e2e_injected_ms_per_token"] = {k: r["ms_per_token"] for k, r in best.items()}
+        s["q15_e2e_speedup_injected"] = {k: r.get("speedup_vs_ar") for k, r in best.items() if k != "autoregressive"}
+        s["q15_e2e_host_overhead_ms_per_token"] = {k: r["host_overhead_ms_per_token"] for k, r in best.items()}
     smol = out.get("smollm2") or []
     if smol:  # real SmolLM2-135M: best speculative pipeline vs own AR, own AR vs HF static cache (greedy)
         s["smollm2_best_speedup_vs_ar"] = max((r.get("speedup_vs_autoregressive") or 0) for r in smol)
@@ -373,7 +507,8 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536, 0], help="0 = longest that fits")
     ap.add_argument("--hf-contexts", type=int, nargs="+", default=[32768])
     ap.add_argument("--smollm2", default=None, help="SmolLM2 GGUF (or HF dir) for part 2")
-    ap.add_argument("--part", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--part", nargs="+", default=["1", "2"], choices=["1", "2", "qwen"],
+                    help="1: Llama-2-7B shape; 2: real SmolLM2 (--smollm2); qwen: Qwen2.5-1.5B/0.5B shapes, fused A/B")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -387,14 +522,16 @@ def main() -> None:
            "settings": {"dtype": "bfloat16", "model": "Llama-2-7B shape, random weights", "tiny": "llama-68m shape",
                         "retrieval_chunk": 8, "streaming": "16 sinks + 496 recent", "cuda_graphs": True,
                         "injected_acceptance": "benchmark-only switch: accept/reject decisions drawn at the given rate"}}
-    path = Path(args.out or ROOT / f"results/speed_{'h100' if 'H100' in name else name.split()[-1].lower()}.json")
+    path = Path(args.out or ROOT / f"results/speed_{gpu_tag(name)}.json")
     if path.exists():
         out.update({k: v for k, v in json.loads(path.read_text()).items() if k not in out})
     torch.manual_seed(0)
-    if 1 in args.part:
+    if "1" in args.part:
         part1(args, out)
-    if 2 in args.part and args.smollm2:
+    if "2" in args.part and args.smollm2:
         part2(args, out)
+    if "qwen" in args.part:
+        part_qwen(args, out)
     out["summary"] = summarize(out)
     path.write_text(json.dumps(out, indent=1))
     plot(out, path.with_suffix(".png"))

@@ -16,6 +16,9 @@ if not CUDA:
 from triforce.kernels import _common  # noqa: E402
 from triforce.kernels.chunk_topk import (chunk_scores, chunk_scores_reference, chunk_summaries,  # noqa: E402
                                          chunk_summaries_reference, select_chunks, select_chunks_reference)
+from triforce.kernels.fused_gemv import (add_norm_gemv_reference, add_norm_gemv_triton,  # noqa: E402
+                                         swiglu_gemv_reference, swiglu_gemv_triton)
+from triforce.kernels.fused_gemv import supported as fused_supported  # noqa: E402
 from triforce.kernels.gemv import gemv, gemv_reference, gemv_triton  # noqa: E402
 from triforce.kernels.quant_gemv import (dequantize_int4, dequantize_int8, int4_gemv, int4_gemv_reference,  # noqa: E402
                                          int4_gemv_triton, int8_gemv, int8_gemv_reference, int8_gemv_triton,
@@ -376,3 +379,96 @@ def test_gpu_rope_write_low_precision(dtype):
     got_q = rope_write(q, k, v, cos, sin, store[0], store[1], idx)
     torch.testing.assert_close(got_q.float(), want_q, **LOW[dtype])
     torch.testing.assert_close(store.float(), ref[5], **LOW[dtype])
+
+
+# ---------------------------------------------------------------- fused projections (norm / SwiGLU in the GEMV prologue)
+
+NORM_GEMV_CASES = [  # rows, K, N, delta, bias, eps
+    (1, 300, 40, True, True, 1e-6),      # one row (FMA path); K, N not multiples of the blocks
+    (1, 64, 3, False, False, 1e-5),      # no residual add, no bias, N below one block
+    (1, 112, 144, True, True, 1e-6),     # GQA q/k/v rows: 7 query heads + 2 x 1 KV head of 16
+    (5, 520, 33, True, False, 1e-5),     # several rows (tl.dot path), K over one block
+    (4, 112, 144, False, True, 1e-6),    # GQA q/k/v, first layer (no delta)
+    (16, 96, 64, True, True, 1e-1),      # 16 rows; an eps large enough that ignoring it would show
+    (3, 17, 1, True, True, 1e-6),
+]
+
+
+def norm_gemv_case(m, k, n, delta, bias, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = rand(1, m, k, dtype=dtype, gen=gen)
+    d = rand(1, m, k, dtype=dtype, gen=gen) if delta else None
+    g = (1 + 0.5 * rand(k, gen=gen)).to(dtype)
+    w, b = rand(n, k, dtype=dtype, gen=gen), (rand(n, dtype=dtype, gen=gen) if bias else None)
+    return x, d, g, w, b
+
+
+@needs_triton
+@pytest.mark.parametrize("m,k,n,delta,bias,eps", NORM_GEMV_CASES)
+def test_add_norm_gemv_matches_reference(m, k, n, delta, bias, eps):
+    x, d, g, w, b = norm_gemv_case(m, k, n, delta, bias, seed=m * 100 + k)
+    want_res, want = add_norm_gemv_reference(x, d, g, eps, w, b)
+    got_res, got = add_norm_gemv_triton(x, d, g, eps, w, b)
+    assert got.shape == (1, m, n) and got_res.shape == x.shape
+    assert torch.equal(got_res, want_res)  # the new residual is the plain (rounded) sum
+    torch.testing.assert_close(got, want, **(TOL if m == 1 else dict(atol=1e-4, rtol=1e-4) if not CUDA else LOW[torch.bfloat16]))
+    if eps >= 1e-2:  # the check above can tell eps apart
+        assert not torch.allclose(add_norm_gemv_reference(x, d, g, 1e-6, w, b)[1], want, **TOL)
+
+
+def test_add_norm_gemv_reference_is_the_models_unfused_math():
+    from triforce.models.llama import add_rms_norm, rms_norm
+    x, d, g, w, b = norm_gemv_case(3, 64, 40, True, True)
+    res, h = add_rms_norm.__wrapped__(x, d, g, 1e-5)
+    got_res, got = add_norm_gemv_reference(x, d, g, 1e-5, w, b)
+    assert torch.equal(got_res, res) and torch.equal(got, torch.nn.functional.linear(h, w, b))
+    assert torch.equal(add_norm_gemv_reference(x, None, g, 1e-5, w)[1],
+                       torch.nn.functional.linear(rms_norm.__wrapped__(x, g, 1e-5), w))
+
+
+@needs_triton
+@pytest.mark.parametrize("m,k,n", [(1, 300, 40), (1, 17, 5), (5, 520, 33), (16, 96, 64), (2, 1000, 1)])
+def test_swiglu_gemv_matches_reference(m, k, n):
+    gen = torch.Generator().manual_seed(m * 7 + k)
+    gate_up, w = rand(1, m, 2 * k, gen=gen), rand(n, k, gen=gen)
+    got = swiglu_gemv_triton(gate_up, w)
+    assert got.shape == (1, m, n)
+    torch.testing.assert_close(got, swiglu_gemv_reference(gate_up, w), **(TOL if m == 1 or not CUDA else LOW[torch.bfloat16]))
+    swapped = torch.cat(gate_up.chunk(2, -1)[::-1], -1)  # gate and up swapped: the test must see it
+    assert not torch.allclose(swiglu_gemv_reference(swapped, w), got, **TOL)
+
+
+def test_fused_gemvs_reject_bad_shapes():
+    if not _common.HAS_TRITON:
+        pytest.skip("triton is not importable")
+    x, d, g, w, b = norm_gemv_case(2, 32, 8, True, True)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        add_norm_gemv_triton(rand(17, 32), None, g, 1e-5, w)
+    with pytest.raises(ValueError, match="must match"):
+        add_norm_gemv_triton(x, d, g, 1e-5, rand(8, 31))
+    with pytest.raises(ValueError, match="bias"):
+        add_norm_gemv_triton(x, d, g, 1e-5, w, b[:-1])
+    with pytest.raises(ValueError, match="delta"):
+        add_norm_gemv_triton(x, d[:, :1], g, 1e-5, w)
+    with pytest.raises(ValueError, match="2 x 32"):
+        swiglu_gemv_triton(rand(1, 2, 60), rand(8, 32))
+    assert not fused_supported(x)  # float32 (and CPU) keep the unfused path
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_gpu_fused_gemvs_low_precision(dtype, m):
+    """Qwen2.5-1.5B shapes: q/k/v with bias (2048 x 1536), gate/up, down with SwiGLU (1536 x 8960)."""
+    x, d, g, w, b = norm_gemv_case(m, 1536, 2048, True, True, dtype=dtype, seed=m)
+    assert fused_supported(x)
+    ref = [t.float() for t in (x, d, g, w, b)]
+    want_res, want = add_norm_gemv_reference(*ref[:3], 1e-6, *ref[3:])
+    got_res, got = add_norm_gemv_triton(x, d, g, 1e-6, w, b)
+    torch.testing.assert_close(got_res.float(), want_res, **LOW[dtype])
+    torch.testing.assert_close(got.float(), want, atol=0.5, rtol=2e-2)  # low-precision output of K=1536 sums
+    gen = torch.Generator().manual_seed(m)
+    gate_up, wd = rand(1, m, 2 * 8960, dtype=dtype, gen=gen), rand(1536, 8960, dtype=dtype, gen=gen) * 0.1
+    torch.testing.assert_close(swiglu_gemv_triton(gate_up, wd).float(),
+                               swiglu_gemv_reference(gate_up.float(), wd.float()), atol=0.5, rtol=2e-2)

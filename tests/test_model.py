@@ -98,3 +98,45 @@ def test_gguf_reader_matches_gguf_package():
         assert torch.equal(weights[gguf_name[t.name]], want), t.name
     assert len(kinds) >= 2, kinds
     assert set(tensors) == {t.name for t in ref.tensors}
+
+
+@torch.inference_mode()
+def test_fused_projections_match_unfused(monkeypatch):
+    """The fused-projection path (add + RMSNorm and SwiGLU inside the GEMVs; Triton, on CPU interpreted,
+    float32 either way) gives the unfused model's logits for decode and verify steps, prefill unfused."""
+    from triforce.kernels import _common
+    from triforce.models import llama
+
+    if not _common.HAS_TRITON or not (torch.cuda.is_available() or _common.INTERPRET):
+        pytest.skip("needs triton (CUDA or TRITON_INTERPRET=1)")
+    args = ModelArgs(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                     max_position_embeddings=256, tie_word_embeddings=True, attention_bias=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(args, None, dev, torch.float32, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():  # random biases and norm weights (the random init has 0 and 1)
+        if name.endswith("bias") or name.endswith("norm.weight"):
+            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen) if "norm" in name else 0.1 * torch.randn(p.shape, generator=gen))
+    tol = 1e-4 if dev == "cpu" else 2e-2  # on the GPU float32 tl.dot (several rows) rounds through TF32
+    calls = []
+    for fn in ("add_norm_gemv_triton", "swiglu_gemv_triton"):
+        real = getattr(llama.fused_gemv, fn)
+        monkeypatch.setattr(llama.fused_gemv, fn, lambda *a, real=real, fn=fn: calls.append(fn) or real(*a))
+    ids = torch.randint(0, 97, (1, 40), generator=gen).to(dev)
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        model.fused_projections = fused
+        monkeypatch.setattr(llama, "fused_projections_supported", lambda x: x.shape[1] <= 16)  # CPU fp32 here
+        cache = FullCache(model, 64)
+        model(ids[:, :32], cache, last=0)  # prefill (32 rows): unfused either way
+        return [model(ids[:, 32:33], cache), model(ids[:, 33:38], cache, last=5), model(ids[:, 38:40], cache, last=1)]
+
+    want = run(False)
+    assert not calls
+    got = run(True)
+    assert calls.count("swiglu_gemv_triton") == 3 * 2 and calls.count("add_norm_gemv_triton") == 3 * (2 * 2 + 1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+    model.fused_projections = True
+    monkeypatch.undo()
+    assert not llama.fused_projections_supported(model.embed_tokens(ids[:, :1]))  # CPU fp32: never fused by default

@@ -44,7 +44,11 @@ def device_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: 
     """
     from triforce.kernels._split_k import split_k_attention
 
-    return split_k_attention(q[0], k, v, max_keys, 0, chunk_idx, 1, n_keys_t=n_keys, tail_start_t=tail_start)[None]
+    # written token-major, [T, H, D]: the o projection then reads it as [T, H * D] without a copy
+    _, h, t, d = q.shape
+    out = torch.empty(t, h, d, dtype=q.dtype, device=q.device).transpose(0, 1)
+    return split_k_attention(q[0], k, v, max_keys, 0, chunk_idx, 1, out=out, n_keys_t=n_keys,
+                             tail_start_t=tail_start)[None]
 
 
 class KVCache:

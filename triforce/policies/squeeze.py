@@ -137,12 +137,13 @@ class SqueezeMixin(HookedSelection):
 
 
 def _record(ref, layer: int, args: tuple, out: tuple) -> None:
-    """Hook on Block.forward(x, h, cache, layer, next_norm) -> (x, next h): compares the residual
-    stream before and after the block, for forwards over the target's own cache."""
+    """Hook on Block.forward(x, delta, cache, layer, fused) -> (x, delta): compares the residual
+    stream (x + delta) before and after the block, for forwards over the target's own cache."""
     self = ref()
     if self is None or self.selections or len(args) < 3 or args[2] is not self.full:
         return
-    cos = F.cosine_similarity(args[0].float(), out[0].float(), dim=-1)
+    before = args[0] if args[1] is None else args[0] + args[1]
+    cos = F.cosine_similarity(before.float(), (out[0] + out[1]).float(), dim=-1)
     self.sim_sum[layer] += float(cos.sum())
     self.sim_count[layer] += cos.numel()
 

@@ -1,0 +1,191 @@
+"""Decode-step GEMVs with the elementwise work before them fused into their prologue.
+
+A small model's decode step under CUDA graphs is bound by its kernel count (each costs a few us
+of launch, tail and ramp), not by bytes. Two of the ~10 kernels per layer only prepare a GEMV's
+input, and every GEMV program reads that whole input row anyway, so they fold in for free:
+
+- `add_norm_gemv`: residual add + RMSNorm + projection (q/k/v with bias, gate/up, LM head).
+  RMSNorm's scale is one scalar per row, so each program accumulates sum(x^2) beside W.(x*g) and
+  scales at the end: y = rsqrt(mean(x^2) + eps) * W.(x*g) (+ bias). With a delta, x = x + delta
+  (rounded to the input dtype, as the unfused add) and program 0 writes that new residual.
+- `swiglu_gemv`: the down projection of silu(gate) * up, computed from the gate/up GEMV's output
+  chunk by chunk.
+
+Conventions as `gemv.py`: x holds <= 16 rows (one FMA path for one row, tl.dot for several), the
+model uses them for bf16/fp16 on CUDA only; float32 keeps the reference (cuBLAS) path. Each kernel
+sits beside its PyTorch reference, which is exactly the unfused model's math.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._common import HAS_TRITON, target_programs, tl, triton
+from .gemv import MAX_ROWS
+
+if triton is not None:
+
+    @triton.jit
+    def _add_norm_gemv_kernel(X, DELTA, G, W, BIAS, Y, RES, M, N, K, sxm, sdm, swn, sym, srm, eps,
+                              HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        if DOT:  # several rows: tensor cores on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
+            m = tl.arange(0, BLOCK_M)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            ss = tl.zeros([BLOCK_M], tl.float32)
+        else:  # one row: a multiply-add per weight element
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            ss = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
+            if DOT:
+                ok = (m[:, None] < M) & k_ok[None, :]
+                x = tl.load(X + m[:, None] * sxm + k[None, :], mask=ok, other=0.0)
+                if HAS_DELTA:  # the residual add, rounded as the unfused add rounds it
+                    d = tl.load(DELTA + m[:, None] * sdm + k[None, :], mask=ok, other=0.0)
+                    x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
+                    if pid == 0:
+                        tl.store(RES + m[:, None] * srm + k[None, :], x, mask=ok)
+                xf = x.to(tl.float32)
+                ss += tl.sum(xf * xf, 1)
+                acc += tl.dot((xf * g[None, :]).to(W.dtype.element_ty), tl.trans(w))
+            else:
+                x = tl.load(X + k, mask=k_ok, other=0.0)
+                if HAS_DELTA:
+                    d = tl.load(DELTA + k, mask=k_ok, other=0.0)
+                    x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
+                    if pid == 0:
+                        tl.store(RES + k, x, mask=k_ok)
+                xf = x.to(tl.float32)
+                ss += xf * xf
+                acc += tl.sum(w.to(tl.float32) * (xf * g)[None, :], 1)
+        if HAS_BIAS:
+            b = tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK_N], tl.float32)
+        if DOT:
+            acc = acc * tl.rsqrt(ss / K + eps)[:, None] + b[None, :]
+            tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & n_ok[None, :])
+        else:
+            acc = acc * tl.rsqrt(tl.sum(ss, 0) / K + eps) + b
+            tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _swiglu_gemv_kernel(GU, W, Y, M, N, K, sgm, swn, sym,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        if DOT:
+            m = tl.arange(0, BLOCK_M)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT:
+                ok = (m[:, None] < M) & k_ok[None, :]
+                gate = tl.load(GU + m[:, None] * sgm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+                up = tl.load(GU + m[:, None] * sgm + K + k[None, :], mask=ok, other=0.0).to(tl.float32)
+                h = (gate * tl.sigmoid(gate) * up).to(GU.dtype.element_ty)  # rounded once, as the compiled swiglu
+                acc += tl.dot(h.to(W.dtype.element_ty), tl.trans(w))
+            else:
+                gate = tl.load(GU + k, mask=k_ok, other=0.0).to(tl.float32)
+                up = tl.load(GU + K + k, mask=k_ok, other=0.0).to(tl.float32)
+                h = (gate * tl.sigmoid(gate) * up).to(GU.dtype.element_ty).to(tl.float32)
+                acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+        if DOT:
+            tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & n_ok[None, :])
+        else:
+            tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
+
+
+def supported(x: torch.Tensor) -> bool:
+    """Where the model uses these kernels: <= 16 rows of bf16/fp16 on CUDA (float32 keeps cuBLAS:
+    tl.dot would round it through TF32)."""
+    return (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and x.numel() // x.shape[-1] <= MAX_ROWS)
+
+
+def _config(rows: int, n: int, x: torch.Tensor) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, warps, BLOCK_K, DOT) by shape: gemv.py's configs (an H100 sweep over 7B shapes),
+    with fewer output rows per program where a small model's N would leave SMs idle."""
+    sms = target_programs(x) // 2
+    if rows == 1:
+        block_n = 8
+        while block_n > 2 and triton.cdiv(n, block_n) < 2 * sms:
+            block_n //= 2
+        return block_n, 8, 1024, False
+    return (32 if triton.cdiv(n, 32) >= sms else 16), 4, 512, True
+
+
+def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    k = x.shape[-1]
+    x2 = x.reshape(x.numel() // k, k)
+    if x2.shape[0] > MAX_ROWS or x2.stride(1) != 1:
+        raise ValueError(f"{name} takes at most {MAX_ROWS} rows with a contiguous last dim, got {tuple(x.shape)}")
+    return x2
+
+
+def add_norm_gemv_reference(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                            w: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, F.linear(rms_norm(x + delta), w, bias)); no add when delta is None (x comes back)."""
+    if delta is not None:
+        x = x + delta
+    h = x.float()
+    h = norm_weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return x, F.linear(h, w, bias)
+
+
+def add_norm_gemv_triton(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                         w: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One kernel for `add_norm_gemv_reference`: x, delta [..., K] (<= 16 rows), norm_weight [K], w [N, K]."""
+    x2 = _rows(x, "add_norm_gemv")
+    m, k = x2.shape
+    n = w.shape[0]
+    if w.shape[1] != k or w.stride(1) != 1 or norm_weight.numel() != k:
+        raise ValueError(f"add_norm_gemv: w {tuple(w.shape)} (rows contiguous) and norm weight "
+                         f"{tuple(norm_weight.shape)} must match the input's {k} features")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"add_norm_gemv: bias {tuple(bias.shape)} must have the weight's {n} rows")
+    if delta is not None and delta.shape != x.shape:
+        raise ValueError(f"add_norm_gemv: delta {tuple(delta.shape)} must have the shape of x {tuple(x.shape)}")
+    d2 = _rows(delta, "add_norm_gemv") if delta is not None else x2
+    res = torch.empty_like(x2) if delta is not None else x2
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_n, warps, block_k, dot = _config(m, n, x)
+    _add_norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+        x2, d2, norm_weight, w, bias if bias is not None else w, y, res, m, n, k,
+        x2.stride(0), d2.stride(0), w.stride(0), y.stride(0), res.stride(0), eps,
+        HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
+        BLOCK_K=block_k, DOT=dot, num_stages=3, num_warps=warps)
+    return res.view(x.shape), y.view(*x.shape[:-1], n)
+
+
+def swiglu_gemv_reference(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """F.linear(silu(gate) * up, w) for gate_up [..., 2I] = [gate | up] (the fused gate/up GEMV's output)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w)
+
+
+def swiglu_gemv_triton(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One kernel for `swiglu_gemv_reference`: gate_up [..., 2I] (<= 16 rows), w [N, I]."""
+    g2 = _rows(gate_up, "swiglu_gemv")
+    m, k2 = g2.shape
+    n, k = w.shape
+    if k2 != 2 * k or w.stride(1) != 1:
+        raise ValueError(f"swiglu_gemv: gate_up has {k2} features, the weight {tuple(w.shape)} needs 2 x {k} "
+                         f"(rows contiguous)")
+    y = torch.empty(m, n, dtype=gate_up.dtype, device=gate_up.device)
+    block_n, warps, block_k, dot = _config(m, n, gate_up)
+    _swiglu_gemv_kernel[(triton.cdiv(n, block_n),)](
+        g2, w, y, m, n, k, g2.stride(0), w.stride(0), y.stride(0),
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, num_stages=3, num_warps=warps)
+    return y.view(*gate_up.shape[:-1], n)

@@ -13,8 +13,15 @@ Part qwen (Qwen2.5-1.5B target, Qwen2.5-0.5B tiny draft, random bf16 weights): 0
 streaming cache, 1.5B AR at 8K/32K, verify of 2/4/8 at 32K, retrieval tier at 4K, each vs its floor
 and with the fused projections ON and OFF in the same run (A/B); end to end at 32K, acceptance
 INJECTED: AR vs draft [target, tiny] vs triforce. About 2-3 minutes on an H200.
+Part prefill: time to first token (chunked prefill straight into the KV store, then the first
+decode step) for the Llama-2-7B-128K shape at 32K and 128K and the Qwen2.5-Coder-1.5B shape at
+32K (random bf16 weights), against the FLOP floor: matmul FLOPs (projections, the first token's
+LM head, causal attention 2*2*n^2*d/2 per layer) over the bf16 matrix rate measured in the same
+run. Each TTFT is timed twice (the first pays compiles and kernel plans); rows with backend
+"sdpa" force SDPA's flash path instead of the cuDNN split, for comparison.
 
-    python scripts/bench_speed.py [--contexts 16384 32768 65536 0] [--smollm2 PATH.gguf] [--part 1 2 qwen]
+    python scripts/bench_speed.py [--contexts 16384 32768 65536 0] [--smollm2 PATH.gguf] [--part 1 2 qwen prefill]
+    python scripts/bench_speed.py --part prefill --smoke    # CPU check of the prefill part's code, toy shapes
 Writes results/speed_<gpu>.json (+ .png) with a top-level `summary` of the issue's target ratios.
 """
 from __future__ import annotations
@@ -46,6 +53,7 @@ QWEN05 = ModelArgs(vocab_size=151936, dim=896, n_layers=24, n_heads=14, n_kv_hea
 QWEN15 = ModelArgs(vocab_size=151936, dim=1536, n_layers=28, n_heads=12, n_kv_heads=2, head_dim=128,
                    intermediate_size=8960, norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=131072,
                    tie_word_embeddings=True, attention_bias=True)
+QWEN_CODER_1_5B = QWEN15  # the prefill part's name for it
 DT = torch.bfloat16
 
 
@@ -415,6 +423,90 @@ def part2(args, out: dict) -> None:
     out["smollm2"] = rows
 
 
+def matmul_tflops(n: int = 8192, dtype: torch.dtype = DT) -> float:
+    """Dense matrix rate of this GPU in TFLOP/s (an n^3 product, median of 20): the floor's denominator."""
+    x = torch.randn(n, n, dtype=dtype, device="cuda")
+    y = torch.randn(n, n, dtype=dtype, device="cuda")
+    ms = cuda_time(lambda: x @ y)
+    return 2 * n ** 3 / ms / 1e9
+
+
+def prefill_flops(a: ModelArgs, n: int) -> float:
+    """Matmul FLOPs of prefilling n tokens and producing the first token: every projection for each
+    token, causal attention (QK^T and PV, 2*2*n^2*d/2 per layer, d = heads x head_dim) and one
+    LM-head row (the prefill keeps no logits)."""
+    proj = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.intermediate_size
+    attention = a.n_layers * 2 * 2 * n * n * a.n_heads * a.head_dim / 2
+    return 2 * n * a.n_layers * proj + attention + 2 * a.dim * a.vocab_size
+
+
+def time_to_first_token(model, ctx: int, chunk: int) -> tuple[float, float]:
+    """Seconds from a ctx-token prompt to its first generated token (prefill in `chunk`-token
+    forwards straight into the target's store, then one decode step), cold and warm."""
+    cuda = model.device.type == "cuda"
+    full = FullCache(model, ctx + 8)
+    engine = SpeculativeEngine([Tier("target", model, full)], 0.0, 1.0, prefill_chunk=chunk)
+    prompt = torch.randint(0, model.args.vocab_size, (ctx,))
+    times = []
+    for _ in range(2):  # the first run compiles the fused pieces and builds cuDNN plans per chunk shape
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        assert len(engine.generate(prompt, 1)) == 1
+        times.append(time.perf_counter() - t0)
+    del engine, full
+    return times[0], times[1]
+
+
+def part_prefill(args, out: dict) -> None:
+    """TTFT against the FLOP floor (7B shape at 32K and 128K, Qwen2.5-Coder-1.5B shape at 32K)."""
+    import triforce.kernels.prefill_attention as pa
+
+    if args.smoke:  # CPU, float32, toy shapes: the code path, not the numbers
+        device, dtype, rate = "cpu", torch.float32, 0.1
+        shapes = [("7b", ModelArgs(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=128,
+                                   max_position_embeddings=4096), [512]),
+                  ("qwen2.5-coder-1.5b", ModelArgs(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                                   head_dim=16, intermediate_size=128, tie_word_embeddings=True,
+                                                   attention_bias=True, max_position_embeddings=4096), [512])]
+        chunks = [128]
+    else:
+        device, dtype, rate = "cuda", DT, matmul_tflops()
+        shapes = [("7b", LLAMA2_7B, [32768, 131072]), ("qwen2.5-coder-1.5b", QWEN_CODER_1_5B, [32768])]
+        chunks = args.prefill_chunks
+    out["matmul_tflops"] = rate
+    rows = out.setdefault("prefill", [])
+    rows.clear()
+    for name, a, contexts in shapes:
+        model = build_model(a, None, device, dtype, context_length=max(contexts) + 8).eval()
+        for ctx in contexts:
+            flops = prefill_flops(a, ctx)
+            floor = flops / (rate * 1e12)
+            for chunk in chunks:
+                for backend in ("auto", "sdpa") if a.n_heads == a.n_kv_heads else ("auto",):
+                    real = pa.can_use_cudnn
+                    if backend == "sdpa":  # benchmark-only: SDPA's flash path for every chunk
+                        pa.can_use_cudnn = lambda q, k: False
+                    row = {"model": name, "context": ctx, "prefill_chunk": chunk, "attention": backend,
+                           "flops": flops, "flop_floor_s": floor}
+                    try:
+                        cold, warm = time_to_first_token(model, ctx, chunk)
+                        row.update(ttft_cold_s=cold, ttft_s=warm, over_flop_floor=warm / floor, tflops=flops / warm / 1e12)
+                    except (RuntimeError, torch.OutOfMemoryError) as e:  # record it, measure the other rows
+                        row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    finally:
+                        pa.can_use_cudnn = real
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    gc.collect()
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def summarize(out: dict) -> dict:
     s = {}
     steps = out.get("steps")
@@ -462,6 +554,14 @@ def summarize(out: dict) -> dict:
         s["q15_e2e_injected_ms_per_token"] = {k: r["ms_per_token"] for k, r in best.items()}
         s["q15_e2e_speedup_injected"] = {k: r.get("speedup_vs_ar") for k, r in best.items() if k != "autoregressive"}
         s["q15_e2e_host_overhead_ms_per_token"] = {k: r["host_overhead_ms_per_token"] for k, r in best.items()}
+    pre = out.get("prefill") or []
+    for name, ctx, key in (("7b", 131072, "prefill_7b_128k_over_flop_floor"), ("7b", 32768, "prefill_7b_32k_over_flop_floor"),
+                           ("qwen2.5-coder-1.5b", 32768, "prefill_qwen1.5b_32k_over_flop_floor")):
+        rs = [r for r in pre if r["model"] == name and r["context"] == ctx and r["attention"] == "auto" and "ttft_s" in r]
+        if rs:
+            best = min(rs, key=lambda r: r["ttft_s"])
+            s[key] = best["over_flop_floor"]
+            s[key.replace("over_flop_floor", "ttft_s")] = best["ttft_s"]
     smol = out.get("smollm2") or []
     if smol:  # real SmolLM2-135M: best speculative pipeline vs own AR, own AR vs HF static cache (greedy)
         s["smollm2_best_speedup_vs_ar"] = max((r.get("speedup_vs_autoregressive") or 0) for r in smol)
@@ -507,10 +607,24 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[16384, 32768, 65536, 0], help="0 = longest that fits")
     ap.add_argument("--hf-contexts", type=int, nargs="+", default=[32768])
     ap.add_argument("--smollm2", default=None, help="SmolLM2 GGUF (or HF dir) for part 2")
-    ap.add_argument("--part", nargs="+", default=["1", "2"], choices=["1", "2", "qwen"],
-                    help="1: Llama-2-7B shape; 2: real SmolLM2 (--smollm2); qwen: Qwen2.5-1.5B/0.5B shapes, fused A/B")
+    ap.add_argument("--part", nargs="+", default=["1", "2"], choices=["1", "2", "qwen", "prefill"],
+                    help="1: Llama-2-7B shape; 2: real SmolLM2 (--smollm2); qwen: Qwen2.5-1.5B/0.5B shapes, fused A/B; "
+                         "prefill: time to first token vs the FLOP floor")
+    ap.add_argument("--prefill-chunks", type=int, nargs="+", default=[4096],
+                    help="prefill_chunk values timed by --part prefill")
+    ap.add_argument("--smoke", action="store_true", help="--part prefill only: toy shapes on the CPU, no GPU needed")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.smoke:
+        if args.part != ["prefill"]:
+            raise SystemExit("--smoke checks --part prefill only: run `bench_speed.py --part prefill --smoke`")
+        out = {"gpu": "none (smoke)", "torch": torch.__version__}
+        part_prefill(args, out)
+        out["summary"] = summarize(out)
+        path = Path(args.out or "/tmp/triforce_speed_smoke.json")
+        path.write_text(json.dumps(out, indent=1))
+        print(json.dumps(out["summary"], indent=1))
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench_speed.py needs a CUDA GPU (it measures GPU steps against their byte floor)")
     import triton
@@ -532,6 +646,8 @@ def main() -> None:
         part2(args, out)
     if "qwen" in args.part:
         part_qwen(args, out)
+    if "prefill" in args.part:
+        part_prefill(args, out)
     out["summary"] = summarize(out)
     path.write_text(json.dumps(out, indent=1))
     plot(out, path.with_suffix(".png"))

@@ -30,6 +30,7 @@ class TierStats:
     tokens_forwarded: int = 0
     seconds: float = 0.0
     events: list = field(default_factory=list)  # (start, end) CUDA events per forward (gpu_timing)
+    accepts: list = field(default_factory=list)  # drafts accepted in each verification round, in order
 
     def summary(self, generated: int) -> dict:
         if self.events:  # the caller synchronised once; each pair spans one forward on the GPU's clock
@@ -177,6 +178,7 @@ class SpeculativeEngine:
                 tier.stats.proposed += g
                 tier.stats.accepted += n_acc
                 tier.stats.rounds += 1
+                tier.stats.accepts.append(n_acc)
                 self.seq_len = start + n_acc
                 self._invalidate(level, start + n_acc)
                 self._append(nxt[None])

@@ -108,10 +108,16 @@ if triton is not None:
 
 
 def supported(x: torch.Tensor) -> bool:
-    """Where the model uses these kernels: <= 16 rows of bf16/fp16 on CUDA (float32 keeps cuBLAS:
-    tl.dot would round it through TF32)."""
+    """Where the model uses these kernels: one row (a decode step) of bf16/fp16 on CUDA (float32
+    keeps cuBLAS: tl.dot would round it through TF32).
+
+    The kernels take up to MAX_ROWS rows, but on the H200 their several-row (tl.dot) path made a
+    1.5B verify step of 2-8 tokens 7x slower (14.7 against 2.0 ms) while the one-row path saved
+    8% of a 0.5B decode step (0.845 against 0.916 ms; results/speed_h200.json), so verify steps keep
+    the unfused kernels until the several-row path is tuned.
+    """
     return (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and x.numel() // x.shape[-1] <= MAX_ROWS)
+            and x.numel() // x.shape[-1] == 1)
 
 
 def _config(rows: int, n: int, x: torch.Tensor) -> tuple[int, int, int, bool]:

@@ -462,7 +462,7 @@ def test_fused_gemvs_reject_bad_shapes():
 def test_gpu_fused_gemvs_low_precision(dtype, m):
     """Qwen2.5-1.5B shapes: q/k/v with bias (2048 x 1536), gate/up, down with SwiGLU (1536 x 8960)."""
     x, d, g, w, b = norm_gemv_case(m, 1536, 2048, True, True, dtype=dtype, seed=m)
-    assert fused_supported(x)
+    assert fused_supported(x) == (m == 1)  # the model takes them for decode steps only
     ref = [t.float() for t in (x, d, g, w, b)]
     want_res, want = add_norm_gemv_reference(*ref[:3], 1e-6, *ref[3:])
     got_res, got = add_norm_gemv_triton(x, d, g, 1e-6, w, b)

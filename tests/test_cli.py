@@ -41,6 +41,7 @@ def test_api_is_reusable_and_seeded():
     ("gamma=0", "gamma"), ("draft.gamma=0", "gamma"), ("temperature=-1", "temperature"),
     ("top_p=0", "top_p"), ("top_p=1.5", "top_p"), ("pipeline=fast", "pipeline"),
     ("cache.budget=2", "budget"), ("model.path=/nonexistent/ckpt", None), ("device=tpu", "device"),
+    ("draft.cache=paged", "draft.cache"),
 ])
 def test_bad_config(override, msg):
     if override.startswith("model.path"):
@@ -65,13 +66,19 @@ def test_bad_prompts():
         gen.generate([1] * 2045, max_new_tokens=8)
 
 
-def test_draft_vocab_mismatch(tmp_path):
+@pytest.mark.parametrize("pipeline", ["triforce", "draft"])
+def test_draft_vocab_mismatch(tmp_path, pipeline):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="vocabulary"):
-        triforce.load(*TINY, f"model.draft_path={tmp_path}")
+        triforce.load(*TINY, f"pipeline={pipeline}", f"model.draft_path={tmp_path}")
+
+
+def test_pypi_path_needs_a_fetch_spec():
+    with pytest.raises(ValueError, match="model.fetch"):
+        triforce.load("+model=smollm2-135m", "model.path=pypi")
 
 
 def test_offload_true_matches_resident():

@@ -50,6 +50,8 @@ def tiers(target, tiny, pipeline, policy="retrieval"):
         out.append(Tier("tiny", tiny, StreamingCache(tiny, 2, 4, max_forward=64)))
     if pipeline == "triforce_lookup":  # a deterministic (one-hot) bottom tier
         out.append(Tier("lookup", PromptLookup(V), LookupCache(PROMPT + 32, "cpu")))
+    if pipeline == "draft":  # classic two-tier: the tiny draft over its own full KV, verified by the target
+        out.append(Tier("tiny", tiny, FullCache(tiny, PROMPT + 32)))
     return out
 
 
@@ -103,7 +105,7 @@ def broken_verify(draft, q, p, generator=None):
 
 CASES = [("retrieval", 1.0, 1.0, "retrieval"), ("triforce", 1.0, 1.0, "retrieval"),
          ("triforce", 1.0, 0.8, "retrieval"), ("triforce", 1.0, 1.0, "streaming"), ("retrieval", 1.0, 1.0, "h2o"),
-         ("triforce_lookup", 1.0, 0.8, "retrieval")]
+         ("triforce_lookup", 1.0, 0.8, "retrieval"), ("draft", 1.0, 0.8, None)]
 
 
 @pytest.mark.parametrize("pipeline,temperature,top_p,policy", CASES)

@@ -4,7 +4,8 @@ tiers[0] is the target; tier k verifies gamma_k tokens proposed by tier k+1 and 
 samples autoregressively. A tier's output is distributed exactly as its own processed
 distribution, so each level of verification is exact and the whole chain is lossless:
 `autoregressive` is [target], `retrieval` is [target, retrieval draft], `triforce` is
-[target, retrieval draft, tiny draft] — the same code with a different list.
+[target, retrieval draft, tiny draft], `draft` (classic two-tier speculation) is
+[target, tiny draft] — the same code with a different list.
 """
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from triforce import auto
 from triforce import tp as tpar
 from triforce.cache import FullCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
@@ -26,7 +27,7 @@ from triforce.models.llama import ModelArgs, Transformer, build_model, check_tp,
 from triforce.sampling import check_sampling
 
 log = logging.getLogger("triforce")
-PIPELINES = {"autoregressive": 1, "retrieval": 2, "triforce": 3}
+PIPELINES = {"autoregressive": 1, "retrieval": 2, "triforce": 3, "auto": 3}  # auto: triforce.auto picks per run
 
 
 @dataclass
@@ -93,13 +94,11 @@ class Generator:
         if self.n_tiers is None:
             raise ValueError(f"pipeline must be one of {list(PIPELINES)}, got {cfg.pipeline!r}")
         check_sampling(cfg.temperature, cfg.top_p)
-        if cfg.gamma < 1 or cfg.draft.gamma < 1:
-            raise ValueError(f"gamma and draft.gamma must be >= 1 (got {cfg.gamma}, {cfg.draft.gamma})")
-        if cfg.cache.budget < cfg.cache.chunk_size or cfg.cache.chunk_size < 1:
-            raise ValueError(f"cache.budget ({cfg.cache.budget}) must be >= cache.chunk_size ({cfg.cache.chunk_size}) >= 1")
         if str(cfg.get("offload", "auto")).lower() not in ("auto", "true", "false"):
             raise ValueError(f"offload must be auto, true or false, got {cfg.offload!r}")
         self.launch = tpar.resolve_launch(cfg.get("tp"))
+        # auto or explicit gamma / draft.gamma / cache.budget / pipeline: the candidates (one value if explicit)
+        self.auto = auto.resolve(cfg, self.launch.tp)
         self.tp, self.rank = self.launch.tp, self.launch.rank
         cfg.tp = self.tp
         self.device = tpar.rank_device(resolve_device(cfg.device), self.launch)
@@ -191,13 +190,13 @@ class Generator:
         cfg, d = self.cfg, self.cfg.draft
         gpu, host = cfg.get("gpu_memory_gb"), cfg.get("host_memory_gb")
         return plan_memory(
-            self.model.local_args, capacity, cfg.cache.budget if self.n_tiers >= 2 else 0, cfg.gamma,
+            self.model.local_args, capacity, max(self.auto.budgets) if self.n_tiers >= 2 else 0, max(self.auto.gammas),
             self.draft.local_args if isinstance(self.draft, Transformer) else None, self.dtype.itemsize,
             int(gpu * 2**30) if gpu else gpu_available_bytes(self.device),
             int(host * 2**30) if host else host_available_bytes() // self.launch.local_world,
             str(cfg.get("offload", "auto")).lower(),
             chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
-            draft_cache_tokens=d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1),
+            draft_cache_tokens=d.sinks + d.window + self.auto.depth + 6 + max(cfg.prefill_chunk, max(self.auto.draft_gammas) + 1),
             draft_owns_weights=isinstance(self.draft, Transformer) and self.draft.embed_tokens is not self.model.embed_tokens,
             # what SelectionCache.keeps_copies allocates on the GPU: copies only for policies that are
             # not graph-ready (squeeze_*, quantized KV), whether or not graphs are on
@@ -228,13 +227,13 @@ class Generator:
         """
         cfg = self.cfg
         budget = cfg.cache.budget
-        if self.n_tiers >= 2 and budget >= prompt_len:
+        if self.n_tiers >= 2 and not self.auto.budget_auto and budget >= prompt_len:
             log.warning("cache.budget (%d) covers the whole prompt (%d tokens): the %s tier attends to "
                         "everything, so it is a copy of the target (no speedup); lower cache.budget",
                         budget, prompt_len, cfg.cache.policy)
         if self._tiers is not None and self._tiers[0].cache.max_length >= capacity:
             return self._tiers
-        self._tiers = None
+        self._tiers, self._middles = None, {}
         offload = plan.offload if plan is not None else str(cfg.get("offload", "auto")).lower() == "true"
         if offload:  # on CPU this exercises the same staging code with host tensors
             from triforce.offload import OffloadedFullCache
@@ -243,31 +242,47 @@ class Generator:
                     if plan is not None else OffloadedFullCache(self.model, capacity))
         else:
             full = FullCache(self.model, capacity)
-        tiers = [Tier("target", self.model, full, gamma=cfg.gamma)]
-        if self.n_tiers >= 2:
-            c = dict(OmegaConf.to_container(cfg.cache))
-            policy = c.pop("policy")
-            budget, chunk, reselect = c.pop("budget"), c.pop("chunk_size"), c.pop("reselect", "once")
-            budget = plan.budget if plan is not None and plan.budget else budget
-            from triforce.policies import make_policy
-
-            mid = make_policy(policy, full, self.model, budget, chunk, reselect, **c)
-            tiers.append(Tier(policy, self.model, mid, gamma=cfg.draft.gamma))
+        self._full = full
+        tiers = [Tier("target", self.model, full, gamma=self.auto.gammas[0])]
+        self._graph(tiers[0], "target")
+        if self.n_tiers >= 2 and not self.auto.budget_auto:  # with cache.budget=auto the chooser asks middle_tier()
+            tiers.append(self.middle_tier(budget))
         if self.n_tiers == 3 and isinstance(self.draft, PromptLookup):
             tiers.append(Tier("lookup", self.draft, LookupCache(capacity, self.device)))
         elif self.n_tiers == 3:
             d = cfg.draft
-            stream = StreamingCache(self.draft, d.sinks, d.window, slack=cfg.gamma + d.gamma + 8,
-                                    max_forward=max(cfg.prefill_chunk, d.gamma + 1), position_shift=d.position_shift)
+            stream = StreamingCache(self.draft, d.sinks, d.window, slack=self.auto.depth + 6,
+                                    max_forward=max(cfg.prefill_chunk, max(self.auto.draft_gammas) + 1),
+                                    position_shift=d.position_shift)
             tiers.append(Tier("tiny", self.draft, stream))
-        if self.device.type == "cuda" and cfg.cuda_graphs:
-            from triforce.graphs import GraphedModel, graph_sizes
-
-            for level, t in enumerate(tiers):
-                if isinstance(t.model, Transformer):  # the lookup draft is a few eager kernels
-                    t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
+        if self.n_tiers == 3:
+            self._graph(tiers[-1], "draft")
         self._tiers = tiers
         return tiers
+
+    def middle_tier(self, budget: int) -> Tier:
+        """The retrieval (middle) tier at `budget` over the target's cache, one per budget per cache."""
+        if budget not in self._middles:
+            cfg, plan = self.cfg, self.plan
+            c = dict(OmegaConf.to_container(cfg.cache))
+            policy = c.pop("policy")
+            c.pop("budget")
+            chunk, reselect = c.pop("chunk_size"), c.pop("reselect", "once")
+            if plan is not None and plan.budget and not self.auto.budget_auto:
+                budget = plan.budget  # what fits the GPU (the planner lowers it if needed)
+            from triforce.policies import make_policy
+
+            mid = make_policy(policy, self._full, self.model, budget, chunk, reselect, **c)
+            self._middles[budget] = self._graph(Tier(policy, self.model, mid, gamma=self.auto.draft_gammas[0]), "middle")
+        return self._middles[budget]
+
+    def _graph(self, tier: Tier, role: str) -> Tier:
+        """Give `tier` CUDA graphs (on GPU with cuda_graphs) for the step sizes its role can take."""
+        if self.device.type == "cuda" and self.cfg.cuda_graphs and isinstance(tier.model, Transformer) and tier.graphed is None:
+            from triforce.graphs import GraphedModel
+
+            tier.graphed = GraphedModel(tier.model, tier.cache, auto.graph_sizes(self.auto, role))
+        return tier
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, stream: bool = False,
@@ -293,15 +308,16 @@ class Generator:
                          "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
                         self.group, "generate()'s input")
         stream = stream and self.rank == 0
-        depth = cfg.gamma + cfg.draft.gamma + 2
-        capacity = len(ids) + max_new_tokens + depth
+        capacity = len(ids) + max_new_tokens + self.auto.depth
         plan = None
         if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity):
             self._tiers = None  # free the old caches before planning new ones
             plan = self.plan = self.plan_memory(capacity, max_new_tokens)
             log.info(plan.describe())
-        engine = SpeculativeEngine(self.tiers(capacity, len(ids), plan), temperature, top_p, cfg.prefill_chunk,
-                                   gpu_timing=True, group=self.group)
+        tiers = self.tiers(capacity, len(ids), plan)
+        chooser = auto.make_chooser(self, tiers, len(ids), max_new_tokens) if self.auto.adaptive else None
+        engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group,
+                                   chooser=chooser)
         stop = self.stop_ids
         printed = [0]
         out: list[int] = []
@@ -324,16 +340,19 @@ class Generator:
         return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats)
 
     def _stats(self, engine: SpeculativeEngine, prompt_len: int, n: int, seconds: float) -> dict:
-        decode = seconds - engine.prefill_seconds
+        measure = engine.chooser.measure_seconds if engine.chooser is not None else 0.0
+        decode = seconds - engine.prefill_seconds - measure  # first-use cost measurement reported apart
         stats = {
             "pipeline": self.cfg.pipeline, "model": self.cfg.model.name, "device": str(self.device), "tp": self.tp,
             "dtype": str(self.dtype).removeprefix("torch."), "prompt_tokens": prompt_len, "generated_tokens": n,
             "prefill_seconds": engine.prefill_seconds, "decode_seconds": decode,
             "tokens_per_second": n / decode if decode > 0 else None, "tiers": engine.stats(n),
         }
+        if engine.chooser is not None:
+            stats["auto"] = engine.chooser.report(engine, n, decode)
         if self.device.type == "cuda":  # bytes each tier reads per forward: weights + the KV it attends to
             moved = 0.0  # on one rank (its shard), so under tp this is per GPU
-            for t in engine.tiers:
+            for t in (engine.chooser.tiers if engine.chooser is not None else engine.tiers):
                 if not isinstance(t.model, Transformer):  # the lookup draft reads no weights or KV
                     continue
                 kv = t.cache.length if isinstance(t.cache, FullCache) else getattr(t.cache, "budget", 0) + 64

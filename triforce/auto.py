@@ -13,8 +13,10 @@ steps on the caches right after the prefill (graph replays on GPU, eager on CPU)
 `cache_dir()/step_costs.json`; sizes in between are interpolated linearly. The measurement is
 reported apart from decode time.
 
-Acceptance. For each (verifier, drafter) pair the per-token acceptance is the running mean of
-accepted / proposed with a Beta-style prior: `PRIOR_WEIGHT` pseudo-tokens at `prior_acceptance`.
+Acceptance. For each (verifier, drafter) pair the per-token acceptance is estimated online as
+accepted / (accepted + rejections), the running mean over the draft tokens the verifier actually
+judged (drafts after the first rejection of a round are never judged, so accepted / proposed would
+undercount the per-token rate), with a Beta-style prior: `PRIOR_WEIGHT` pseudo-tokens at the prior.
 The prior is 0.7 for model drafts (the lower end of what the README measured for the retrieval
 tier and the self-draft on prose, 0.62-0.97), so speculation starts only where it pays at an
 ordinary acceptance; for the retrieval tier it rises with the budget (0.65 at 256 to 0.95 at
@@ -229,10 +231,12 @@ class Pair:
     prior: float
     proposed: int = 0
     accepted: int = 0
+    rejections: int = 0
 
     @property
     def estimate(self) -> float:
-        return (self.accepted + self.prior * PRIOR_WEIGHT) / (self.proposed + PRIOR_WEIGHT)
+        """Per-token acceptance: accepted over judged draft tokens, with PRIOR_WEIGHT pseudo-tokens."""
+        return (self.accepted + self.prior * PRIOR_WEIGHT) / (self.accepted + self.rejections + PRIOR_WEIGHT)
 
 
 class Chooser:
@@ -259,7 +263,7 @@ class Chooser:
         self.measure_seconds = 0.0
         self.measured: list[str] = []
         self.rounds_since = 0
-        self._seen: dict[int, tuple[int, int]] = {}
+        self._seen: dict[int, tuple[int, int, int]] = {}
         self.why = ""
 
     # ---------------------------------------------------------------- availability
@@ -419,14 +423,15 @@ class Chooser:
         roles = ROLES[self.config.pipeline]
         for level in range(len(roles) - 1):
             tier = self.tier(roles[level])
-            seen = self._seen.get(id(tier), (0, 0))
-            prop, acc = tier.stats.proposed - seen[0], tier.stats.accepted - seen[1]
-            if prop:
+            now = (tier.stats.proposed, tier.stats.accepted, tier.stats.rejections)
+            seen = self._seen.get(id(tier), (0, 0, 0))
+            if now[0] > seen[0]:
                 p = self.pair(roles[level], roles[level + 1])
-                p.proposed += prop
-                p.accepted += acc
+                p.proposed += now[0] - seen[0]
+                p.accepted += now[1] - seen[1]
+                p.rejections += now[2] - seen[2]
                 changed = True
-            self._seen[id(tier)] = (tier.stats.proposed, tier.stats.accepted)
+            self._seen[id(tier)] = now
         return changed
 
     def _close_segment(self, engine) -> None:
@@ -440,7 +445,7 @@ class Chooser:
         if self.config is not None:
             self._observe(engine)
         self._close_segment(engine)
-        self._seen = {id(t): (t.stats.proposed, t.stats.accepted) for t in self.tiers}
+        self._seen = {id(t): (t.stats.proposed, t.stats.accepted, t.stats.rejections) for t in self.tiers}
         self.config = config
         engine.use([self.tier(r) for r in ROLES[config.pipeline]], list(config.gammas))
         self.segments.append(Segment(config.label, predicted_tokens_per_second=1e3 * rate))
@@ -484,7 +489,8 @@ class Chooser:
             "step_costs_ms": costs, "cost_table": str(self.costs.path),
             "measured_now": self.measured, "measure_seconds": self.measure_seconds,
             "catch_up_seconds": engine.catch_up_seconds,
-            "acceptance": {f"{u}<{d}": {"proposed": p.proposed, "accepted": p.accepted, "prior": round(p.prior, 3),
+            "acceptance": {f"{u}<{d}": {"proposed": p.proposed, "accepted": p.accepted, "rejections": p.rejections,
+                                        "prior": round(p.prior, 3),
                                         "estimate": round(p.estimate, 4)} for (u, d), p in self.pairs.items()},
             "prior_weight_tokens": PRIOR_WEIGHT,
             "predicted_tokens_per_second": generated / predicted if predicted else None,

@@ -28,6 +28,7 @@ from triforce.sampling import process_logits, sample, speculative_verify
 class TierStats:
     proposed: int = 0  # draft tokens this tier verified
     accepted: int = 0
+    rejections: int = 0  # rounds that ended at a rejected draft (not all accepted)
     rounds: int = 0  # verification rounds
     forwards: int = 0
     tokens_forwarded: int = 0
@@ -79,7 +80,7 @@ class SpeculativeEngine:
                  group: dist.ProcessGroup | None = None, gpu_timing: bool = False, chooser=None):
         if not tiers:
             raise ValueError("the engine needs at least the target tier")
-        for t in tiers[:-1]:
+        for t in tiers[:-1] if chooser is None else []:  # a chooser sets the gammas it runs
             if t.gamma < 1:
                 raise ValueError(f"gamma of tier {t.name!r} must be >= 1, got {t.gamma}")
         self.tiers, self.temperature, self.top_p = tiers, temperature, top_p
@@ -89,7 +90,7 @@ class SpeculativeEngine:
         # without a host sync per forward (what the CLI uses on GPU)
         self.gpu_timing = gpu_timing and not sync_timing and tiers[0].model.device.type == "cuda"
         self.device = tiers[0].model.device
-        # BENCHMARK ONLY: {level: rate} replaces that tier's accept/reject decisions by independent
+        # BENCHMARK ONLY: {level or (verifier name, drafter name): rate} replaces that tier's accept/reject decisions by independent
         # coin flips with the given per-token acceptance (random weights accept nothing). The
         # forwards still run; the output is then not the target's distribution.
         self.injected_acceptance = injected_acceptance or {}
@@ -173,8 +174,9 @@ class SpeculativeEngine:
                 g = tier.gamma
                 draft, q = self._propose(level + 1, g)
                 p, _ = self._distributions(level, g + 1)
-                if level in self.injected_acceptance:
-                    n_acc = self._injected(level, g)
+                rate = self._injected_rate(level)
+                if rate is not None:
+                    n_acc = self._injected(rate, g)
                     nxt = sample(p[n_acc][None], self.generator)[0]
                 else:
                     n_acc, nxt = speculative_verify(draft, q, p, self.generator)
@@ -183,6 +185,7 @@ class SpeculativeEngine:
                     n_acc, nxt = int(verdict[0]), verdict[1]
                 tier.stats.proposed += g
                 tier.stats.accepted += n_acc
+                tier.stats.rejections += int(n_acc < g)
                 tier.stats.rounds += 1
                 self.seq_len = start + n_acc
                 self._invalidate(level, start + n_acc)
@@ -210,8 +213,16 @@ class SpeculativeEngine:
             dist.broadcast(t, src=self.src, group=self.group)
         return t
 
-    def _injected(self, level: int, g: int) -> int:
-        ok = torch.rand(g, generator=self.generator, device=self.device) < self.injected_acceptance[level]
+    def _injected_rate(self, level: int) -> float | None:
+        """The injected rate of tier `level` verifying the tier below: keyed by level, or by the pair
+        of tier names ("target", "tiny") when the tier list changes between rounds."""
+        inj = self.injected_acceptance
+        if not inj:
+            return None
+        return inj.get(level, inj.get((self.tiers[level].name, self.tiers[level + 1].name)))
+
+    def _injected(self, rate: float, g: int) -> int:
+        ok = torch.rand(g, generator=self.generator, device=self.device) < rate
         return int(ok.cumprod(0).sum())
 
     # -------------------------------------------------------------------------------- public

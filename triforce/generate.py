@@ -368,9 +368,17 @@ class Generator:
 
 
 def summary_line(stats: dict) -> str:
-    """One line: throughput, per-tier ms/token, acceptance, mean accepted length (and GB/s on GPU)."""
+    """One line: throughput, the auto choice, per-tier ms/token, acceptance, mean accepted length (and GB/s on GPU)."""
     parts = [f"{stats['generated_tokens']} tokens, {stats['tokens_per_second'] or 0:.2f} tok/s "
              f"(prefill {stats['prefill_seconds']:.1f}s)"]
+    a = stats.get("auto")
+    if a:  # what the chooser ran and why; speed vs autoregressive measured in this run or from the cost model
+        s = f"auto: {a['choice']}" + (f" (+{a['switches']} switches)" if a["switches"] else "") + f" [{a['why']}]"
+        if a["speedup_vs_autoregressive"]:
+            s += f", {a['speedup_vs_autoregressive']:.2f}x autoregressive ({a['autoregressive_source']})"
+        if a["measure_seconds"]:
+            s += f", step costs measured in {a['measure_seconds']:.1f}s"
+        parts.append(s)
     for name, t in stats["tiers"].items():
         s = f"{name}: {t['ms_per_generated_token'] or 0:.1f} ms/tok"
         if t["acceptance_rate"] is not None:
@@ -393,6 +401,22 @@ def load(*overrides: str) -> Generator:
 
 
 def read_prompt(cfg: DictConfig) -> str:
+    """The prompt: `prompt`, a file (`prompt_file`), or a question over a document (`document` +
+    `question`: the first `document_chars` characters of the file, then the question), which makes a
+    long-context prompt of a real text (e.g. data/corpus/*.txt from scripts/fetch_corpus.py)."""
+    if cfg.get("document"):
+        if cfg.prompt_file:
+            raise ValueError("set either prompt_file or document (+ question), not both")
+        if not cfg.get("question"):
+            raise ValueError("document= needs question=\"...\" (what to ask about the document)")
+        path = Path(cfg.document).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"document {path} does not exist (python scripts/fetch_corpus.py fetches data/corpus/*.txt)")
+        chars = cfg.get("document_chars")
+        if chars is not None and (isinstance(chars, bool) or not isinstance(chars, int) or chars < 1):
+            raise ValueError(f"document_chars must be a positive integer or null (the whole file), got {chars!r}")
+        text = path.read_text()[:chars].strip()
+        return f"{text}\n\nQuestion about the text above: {cfg.question}"
     if cfg.prompt_file:
         path = Path(cfg.prompt_file).expanduser()
         if not path.is_file():

@@ -402,7 +402,7 @@ def part2(args, out: dict) -> None:
 
     text = (ROOT / "data/corpus/botchan.txt").read_text()
     rows = []
-    common = ("+model=smollm2-135m", f"model.path={args.smollm2}", "chat=false", "cache.budget=512", "max_new_tokens=128",
+    common = ("+model=smollm2-135m", f"model.path={args.smollm2}", "chat=false", "cache.budget=512", "gamma=6", "draft.gamma=4", "max_new_tokens=128",
               "stream=false")
     gens = {p: triforce.load(*common, f"pipeline={p}") for p in ("autoregressive", "retrieval", "triforce")}
     # the bottom tier as n-gram prompt lookup (no weights): a lookup costs no model step, so it

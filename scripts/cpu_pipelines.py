@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results/cpu_pipelines_smollm2.json"))
     a = ap.parse_args()
     text = Path(a.text).read_text()
-    gens = {p: triforce.load(f"pipeline={p}", "chat=false", f"cache.budget={a.budget}")
+    gens = {p: triforce.load(f"pipeline={p}", "chat=false", f"cache.budget={a.budget}", "gamma=6", "draft.gamma=4")
             for p in ("autoregressive", "retrieval", "triforce")}
     ids_all = gens["autoregressive"].encode(text, chat=False)
     rows = []

@@ -6,6 +6,10 @@ N times per pipeline; their empirical joint distribution is compared with the ex
 E[TV] <= 1/2 sum_x sqrt(p_x (1 - p_x) / N) (Jensen), plus sqrt(ln(1/delta) / 2N) by McDiarmid
 (one sample moves TV by at most 1/N), delta = 1e-4. A verifier that resamples from p instead
 of norm(max(0, p - q)) is rejected by the same check, so the test can fail.
+
+Adaptive speculation (triforce/auto.py) may change the tier list and the gammas between target
+rounds; `Alternating` forces a different configuration every round (switching tiers in and out,
+so their caches catch up mid-run) and the same test must hold.
 """
 import math
 
@@ -80,8 +84,36 @@ def first_token_dist(model, tier_list, prompt, temperature, top_p):
     return eng._distributions(len(tier_list) - 1, 1)[0]
 
 
-def empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy="retrieval"):
-    eng = SpeculativeEngine(tiers(target, tiny, pipeline, policy), temperature, top_p, prefill_chunk=64)
+class Alternating:
+    """A chooser that runs the next configuration of `cycle` every target round: (tier indices into
+    the triforce tier list, gammas). Satisfies the interface the engine consults."""
+
+    def __init__(self, tier_list, cycle):
+        self.tiers, self.cycle, self.max_depth, self.measure_seconds = tier_list, cycle, 8, 0.0
+
+    def _next(self, engine):
+        idx, gammas = self.cycle[self.i % len(self.cycle)]
+        self.i += 1
+        engine.use([self.tiers[i] for i in idx], list(gammas))
+
+    def start(self, engine):
+        self.i = 0
+        self._next(engine)
+
+    def between_rounds(self, engine):
+        if engine.seq_len > PROMPT:  # the first round was configured by start()
+            self._next(engine)
+
+
+# [target], [target, retrieval], [target, tiny] and [target, retrieval, tiny] with several gammas
+CYCLE_SPEC_FIRST = [((0, 1, 2), (3, 2)), ((0,), ()), ((0, 2), (2,)), ((0, 1), (1,)), ((0, 1, 2), (2, 3))]
+CYCLE_AR_FIRST = CYCLE_SPEC_FIRST[1:] + CYCLE_SPEC_FIRST[:1]
+
+
+def empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy="retrieval", cycle=None):
+    tier_list = tiers(target, tiny, pipeline, policy)
+    chooser = Alternating(tier_list, cycle) if cycle else None
+    eng = SpeculativeEngine(tier_list, temperature, top_p, prefill_chunk=64, chooser=chooser)
     counts = torch.zeros(V, V)
     for seed in range(N):
         x1, x2 = eng.generate(prompt, 2, seed=seed)
@@ -126,5 +158,23 @@ def test_broken_verifier_is_detected(setup, monkeypatch):
     monkeypatch.setattr(engine_mod, "speculative_verify", broken_verify)
     truth = exact_joint(target, prompt, 1.0, 1.0)
     emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0)
+    tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+    assert tv > bound, f"a broken verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"
+
+
+@pytest.mark.parametrize("cycle", [CYCLE_SPEC_FIRST, CYCLE_AR_FIRST], ids=["spec_first", "ar_first"])
+def test_switching_configurations_between_rounds_is_lossless(setup, cycle):
+    target, tiny, prompt = setup
+    truth = exact_joint(target, prompt, 1.0, 1.0)
+    emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0, cycle=cycle)
+    tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+    assert tv < bound, f"TV {tv:.4f} exceeds the sampling bound {bound:.4f}"
+
+
+def test_broken_verifier_is_detected_when_switching(setup, monkeypatch):
+    target, tiny, prompt = setup
+    monkeypatch.setattr(engine_mod, "speculative_verify", broken_verify)
+    truth = exact_joint(target, prompt, 1.0, 1.0)
+    emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0, cycle=CYCLE_SPEC_FIRST)
     tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
     assert tv > bound, f"a broken verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"

@@ -6,6 +6,10 @@ distribution, so each level of verification is exact and the whole chain is loss
 `autoregressive` is [target], `retrieval` is [target, retrieval draft], `triforce` is
 [target, retrieval draft, tiny draft], `draft` (classic two-tier speculation) is
 [target, tiny draft] — the same code with a different list.
+
+With a `chooser` (triforce/auto.py) the list and the gammas may change between target rounds:
+the chooser calls `use` before a round, tiers switched in are brought up to date first, and the
+round itself runs exactly as with a fixed list.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from triforce.sampling import process_logits, sample, speculative_verify
 class TierStats:
     proposed: int = 0  # draft tokens this tier verified
     accepted: int = 0
+    rejections: int = 0  # rounds that ended at a rejected draft (not all accepted)
     rounds: int = 0  # verification rounds
     forwards: int = 0
     tokens_forwarded: int = 0
@@ -75,12 +80,12 @@ class Tier:
 class SpeculativeEngine:
     def __init__(self, tiers: list[Tier], temperature: float, top_p: float, prefill_chunk: int = 512,
                  sync_timing: bool = False, injected_acceptance: dict[int, float] | None = None,
-                 group: dist.ProcessGroup | None = None, gpu_timing: bool = False):
+                 group: dist.ProcessGroup | None = None, gpu_timing: bool = False, chooser=None):
         if not tiers:
             raise ValueError("the engine needs at least the target tier")
         if isinstance(tiers[0].model, QuantTransformer):
             refuse_quantized_target(tiers[0].model.weights)
-        for t in tiers[:-1]:
+        for t in tiers[:-1] if chooser is None else []:  # a chooser sets the gammas it runs
             if t.gamma < 1:
                 raise ValueError(f"gamma of tier {t.name!r} must be >= 1, got {t.gamma}")
         self.tiers, self.temperature, self.top_p = tiers, temperature, top_p
@@ -90,7 +95,7 @@ class SpeculativeEngine:
         # without a host sync per forward (what the CLI uses on GPU)
         self.gpu_timing = gpu_timing and not sync_timing and tiers[0].model.device.type == "cuda"
         self.device = tiers[0].model.device
-        # BENCHMARK ONLY: {level: rate} replaces that tier's accept/reject decisions by independent
+        # BENCHMARK ONLY: {level or (verifier name, drafter name): rate} replaces that tier's accept/reject decisions by independent
         # coin flips with the given per-token acceptance (random weights accept nothing). The
         # forwards still run; the output is then not the target's distribution.
         self.injected_acceptance = injected_acceptance or {}
@@ -99,6 +104,10 @@ class SpeculativeEngine:
         # them the shapes of every later forward and collective, cannot drift apart
         self.group = group
         self.src = dist.get_global_rank(group, 0) if group is not None else 0
+        # adaptive speculation: consulted before each target round (triforce.auto.Chooser); it
+        # knows every tier it may switch in, the engine only the ones in use
+        self.chooser = chooser
+        self.catch_up_seconds = 0.0
 
     # -------------------------------------------------------------------------------- one forward
     def _distributions(self, level: int, n_rows: int, draw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -158,6 +167,8 @@ class SpeculativeEngine:
         start0 = self.seq_len
         dists = []
         while self.seq_len - start0 < n:
+            if level == 0 and self.chooser is not None:
+                self.chooser.between_rounds(self)  # may change self.tiers and gammas; tier 0 stays
             tier.cache.begin_round()
             start = self.seq_len
             if level == len(self.tiers) - 1:
@@ -168,8 +179,9 @@ class SpeculativeEngine:
                 g = tier.gamma
                 draft, q = self._propose(level + 1, g)
                 p, _ = self._distributions(level, g + 1)
-                if level in self.injected_acceptance:
-                    n_acc = self._injected(level, g)
+                rate = self._injected_rate(level)
+                if rate is not None:
+                    n_acc = self._injected(rate, g)
                     nxt = sample(p[n_acc][None], self.generator)[0]
                 else:
                     n_acc, nxt = speculative_verify(draft, q, p, self.generator)
@@ -178,6 +190,7 @@ class SpeculativeEngine:
                     n_acc, nxt = int(verdict[0]), verdict[1]
                 tier.stats.proposed += g
                 tier.stats.accepted += n_acc
+                tier.stats.rejections += int(n_acc < g)
                 tier.stats.rounds += 1
                 tier.stats.accepts.append(n_acc)
                 self.seq_len = start + n_acc
@@ -206,8 +219,16 @@ class SpeculativeEngine:
             dist.broadcast(t, src=self.src, group=self.group)
         return t
 
-    def _injected(self, level: int, g: int) -> int:
-        ok = torch.rand(g, generator=self.generator, device=self.device) < self.injected_acceptance[level]
+    def _injected_rate(self, level: int) -> float | None:
+        """The injected rate of tier `level` verifying the tier below: keyed by level, or by the pair
+        of tier names ("target", "tiny") when the tier list changes between rounds."""
+        inj = self.injected_acceptance
+        if not inj:
+            return None
+        return inj.get(level, inj.get((self.tiers[level].name, self.tiers[level + 1].name)))
+
+    def _injected(self, rate: float, g: int) -> int:
+        ok = torch.rand(g, generator=self.generator, device=self.device) < rate
         return int(ok.cumprod(0).sum())
 
     # -------------------------------------------------------------------------------- public
@@ -221,14 +242,18 @@ class SpeculativeEngine:
         tqdm bars for the prefill and (unless `token_progress` is False) the generated tokens.
         """
         stop_ids = stop_ids or set()
-        depth = sum(t.gamma for t in self.tiers[:-1]) + 2
+        chooser = self.chooser
+        depth = chooser.max_depth if chooser is not None else sum(t.gamma for t in self.tiers[:-1]) + 2
         self.seq = torch.zeros(prompt.numel() + max_new_tokens + depth, dtype=torch.long, device=self.device)
         self.seq_len = 0
         self._append(prompt.to(self.device))
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        for t in self.tiers:
+        for t in (chooser.tiers if chooser is not None else self.tiers):
             t.cache.reset()
             t.stats = TierStats()
+        if chooser is not None:
+            self.tiers = self.tiers[:1]  # the target alone until the chooser has decided
+        self.catch_up_seconds = 0.0
         out: list[int] = []
         token_progress = progress if token_progress is None else token_progress
         bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not token_progress, leave=False)
@@ -247,6 +272,8 @@ class SpeculativeEngine:
 
         # prefill: the target (and every tier with its own KV) absorbs the prompt but its last token
         self._prefill(progress)
+        if chooser is not None:  # measures step costs on first use (reported, not decode time), picks a start
+            chooser.start(self)
         self._propose(0, max_new_tokens, on_tokens)
         bar.close()
         return out
@@ -254,19 +281,44 @@ class SpeculativeEngine:
     def _prefill(self, progress: bool = False) -> None:
         """Every tier absorbs the prompt but its last token; tiers reading the target's KV adopt it."""
         t0 = time.perf_counter()
-        n = self.seq_len - 1
-        for level, tier in enumerate(self.tiers):
-            if level and tier.cache.adopt_prefix(n):
-                continue
-            chunks = range(0, n, self.prefill_chunk)
-            for start in tqdm(chunks, desc=f"prefill {tier.name}", disable=not progress or len(chunks) < 8, leave=False):
-                end = min(n, start + self.prefill_chunk)
-                tier.model(self.seq[None, start:end], tier.cache, last=0)
+        for tier in self.tiers:
+            self._bring_up(tier, progress)
         if self.sync_timing or self.gpu_timing:
             torch.cuda.synchronize()
         self.prefill_seconds = time.perf_counter() - t0
 
+    def _bring_up(self, tier: Tier, progress: bool = False) -> None:
+        """Feed `tier` every token before the last one that its cache lacks (the prefill, or the
+        catch-up of a tier switched in mid-run). A cache reading the target's KV adopts it once;
+        afterwards it reads the target's store for whatever it missed, so feeding it is cheap."""
+        n = self.seq_len - 1
+        if tier is not self.tiers[0] and tier.cache.length == 0 and tier.cache.adopt_prefix(n):
+            return
+        chunks = range(tier.cache.length, n, self.prefill_chunk)
+        for start in tqdm(chunks, desc=f"prefill {tier.name}", disable=not progress or len(chunks) < 8, leave=False):
+            end = min(n, start + self.prefill_chunk)
+            tier.model(self.seq[None, start:end], tier.cache, last=0)
+
+    def use(self, tiers: list[Tier], gammas: list[int]) -> None:
+        """Run the next rounds with `tiers` (target first) verifying `gammas` tokens each.
+
+        Call between target rounds only (the chooser does, from `_propose`). Every cache then
+        holds a prefix of the final sequence (each round truncates the tiers to what the target
+        accepted), so a tier switched in needs only the tokens it has not seen.
+        """
+        if tiers[0] is not self.tiers[0] or len(gammas) != len(tiers) - 1:
+            raise ValueError("use() keeps the target first and needs one gamma per verifying tier")
+        t0 = time.perf_counter()
+        for tier in tiers[1:]:
+            if not any(tier is t for t in self.tiers):
+                self._bring_up(tier)
+        for tier, g in zip(tiers, gammas):
+            tier.gamma = g
+        self.tiers = list(tiers)
+        self.catch_up_seconds += time.perf_counter() - t0
+
     def stats(self, generated: int) -> dict:
         if self.gpu_timing:
             torch.cuda.synchronize()
-        return {t.name: t.stats.summary(generated) for t in self.tiers}
+        tiers = self.tiers if self.chooser is None else [t for t in self.chooser.tiers if t.stats.forwards]
+        return {t.name: t.stats.summary(generated) for t in tiers}

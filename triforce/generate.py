@@ -19,6 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from triforce import auto
 from triforce import tp as tpar
 from triforce.cache import FullCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
@@ -29,9 +30,11 @@ from triforce.models.quant import QuantLinear, QuantTransformer, check_weights, 
 from triforce.sampling import check_sampling
 
 log = logging.getLogger("triforce")
-# the tiers of each pipeline, target first: the engine runs any such list
+# the tiers of each pipeline, target first: the engine runs any such list; `auto` builds them all
+# and triforce.auto picks among autoregressive, retrieval, draft and triforce while it runs
 PIPELINES = {"autoregressive": ("target",), "retrieval": ("target", "retrieval"),
-             "triforce": ("target", "retrieval", "tiny"), "draft": ("target", "tiny")}
+             "triforce": ("target", "retrieval", "tiny"), "draft": ("target", "tiny"),
+             "auto": ("target", "retrieval", "tiny")}
 DRAFT_CACHES = ("auto", "full", "streaming")
 
 
@@ -103,14 +106,12 @@ class Generator:
         if cfg.draft.get("cache", "auto") not in DRAFT_CACHES:
             raise ValueError(f"draft.cache must be one of {list(DRAFT_CACHES)}, got {cfg.draft.cache!r}")
         check_sampling(cfg.temperature, cfg.top_p)
-        if cfg.gamma < 1 or cfg.draft.gamma < 1:
-            raise ValueError(f"gamma and draft.gamma must be >= 1 (got {cfg.gamma}, {cfg.draft.gamma})")
-        if cfg.cache.budget < cfg.cache.chunk_size or cfg.cache.chunk_size < 1:
-            raise ValueError(f"cache.budget ({cfg.cache.budget}) must be >= cache.chunk_size ({cfg.cache.chunk_size}) >= 1")
         if str(cfg.get("offload", "auto")).lower() not in ("auto", "true", "false"):
             raise ValueError(f"offload must be auto, true or false, got {cfg.offload!r}")
         self.middle_weights, self.tiny_weights = self._check_weights(cfg)
         self.launch = tpar.resolve_launch(cfg.get("tp"))
+        # auto or explicit gamma / draft.gamma / cache.budget / pipeline: the candidates (one value if explicit)
+        self.auto = auto.resolve(cfg, self.launch.tp)
         self.tp, self.rank = self.launch.tp, self.launch.rank
         cfg.tp = self.tp
         self.device = tpar.rank_device(resolve_device(cfg.device), self.launch)
@@ -268,9 +269,9 @@ class Generator:
         if self.draft_cache == "full":  # FullCache: every token, plus its scratch slot
             draft_tokens = capacity + 1
         else:
-            draft_tokens = d.sinks + d.window + cfg.gamma + d.gamma + 8 + max(cfg.prefill_chunk, d.gamma + 1)
+            draft_tokens = d.sinks + d.window + self.auto.depth + 6 + max(cfg.prefill_chunk, max(self.auto.draft_gammas) + 1)
         return plan_memory(
-            self.model.local_args, capacity, cfg.cache.budget if self.has_retrieval else 0, cfg.gamma,
+            self.model.local_args, capacity, max(self.auto.budgets) if self.has_retrieval else 0, max(self.auto.gammas),
             self.draft.local_args if isinstance(self.draft, Transformer) else None, self.dtype.itemsize,
             int(gpu * 2**30) if gpu else gpu_available_bytes(self.device),
             int(host * 2**30) if host else host_available_bytes() // self.launch.local_world,
@@ -284,7 +285,7 @@ class Generator:
             selection_copies=bool(cfg.cache.get("kv_bits")) or str(cfg.cache.policy).startswith("squeeze"),
             chunk_summaries=str(cfg.cache.policy).endswith("quest") or (
                 str(cfg.cache.policy).endswith("retrieval") and str(cfg.cache.get("reselect", "once")) != "once"),
-            cuda_graphs=bool(cfg.cuda_graphs), draft_gamma=d.gamma if self.has_retrieval and self.has_tiny else None)
+            cuda_graphs=bool(cfg.cuda_graphs), draft_gamma=max(self.auto.draft_gammas) if self.has_retrieval and self.has_tiny else None)
 
     def _check_memory(self, needed: int, what: str) -> None:
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -309,13 +310,13 @@ class Generator:
         """
         cfg = self.cfg
         budget = cfg.cache.budget
-        if self.has_retrieval and budget >= prompt_len:
+        if self.has_retrieval and not self.auto.budget_auto and budget >= prompt_len:
             log.warning("cache.budget (%d) covers the whole prompt (%d tokens): the %s tier attends to "
                         "everything, so it is a copy of the target (no speedup); lower cache.budget",
                         budget, prompt_len, cfg.cache.policy)
         if self._tiers is not None and self._tiers[0].cache.max_length >= capacity:
             return self._tiers
-        self._tiers = None
+        self._tiers, self._middles = None, {}
         offload = plan.offload if plan is not None else str(cfg.get("offload", "auto")).lower() == "true"
         if offload:  # on CPU this exercises the same staging code with host tensors
             from triforce.offload import OffloadedFullCache
@@ -324,34 +325,51 @@ class Generator:
                     if plan is not None else OffloadedFullCache(self.model, capacity))
         else:
             full = FullCache(self.model, capacity)
-        tiers = [Tier("target", self.model, full, gamma=cfg.gamma)]
-        if self.has_retrieval:
-            c = dict(OmegaConf.to_container(cfg.cache))
-            policy = c.pop("policy")
-            budget, chunk, reselect = c.pop("budget"), c.pop("chunk_size"), c.pop("reselect", "once")
-            c.pop("weights", None)  # what the tier runs, not how its cache selects
-            budget = plan.budget if plan is not None and plan.budget else budget
-            from triforce.policies import make_policy
-
-            mid = make_policy(policy, full, self.model, budget, chunk, reselect, **c)
-            tiers.append(Tier(policy, self.middle, mid, gamma=cfg.draft.gamma))  # policies see the target (hooks)
+        self._full = full
+        tiers = [Tier("target", self.model, full, gamma=self.auto.gammas[0])]
+        self._graph(tiers[0], "target")
+        if self.has_retrieval and not self.auto.budget_auto:  # with cache.budget=auto the chooser asks middle_tier()
+            tiers.append(self.middle_tier(budget))
         if isinstance(self.draft, PromptLookup):
             tiers.append(Tier("lookup", self.draft, LookupCache(capacity, self.device)))
         elif self.draft_cache == "full":
             tiers.append(Tier("tiny", self.draft, FullCache(self.draft, capacity)))
         elif self.draft_cache == "streaming":
             d = cfg.draft
-            stream = StreamingCache(self.draft, d.sinks, d.window, slack=cfg.gamma + d.gamma + 8,
-                                    max_forward=max(cfg.prefill_chunk, d.gamma + 1), position_shift=d.position_shift)
+            stream = StreamingCache(self.draft, d.sinks, d.window, slack=self.auto.depth + 6,
+                                    max_forward=max(cfg.prefill_chunk, max(self.auto.draft_gammas) + 1),
+                                    position_shift=d.position_shift)
             tiers.append(Tier("tiny", self.draft, stream))
-        if self.device.type == "cuda" and cfg.cuda_graphs:
-            from triforce.graphs import GraphedModel, graph_sizes
-
-            for level, t in enumerate(tiers):
-                if isinstance(t.model, Transformer):  # the lookup draft is a few eager kernels
-                    t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
+        if self.has_tiny:
+            self._graph(tiers[-1], "draft")
         self._tiers = tiers
         return tiers
+
+    def middle_tier(self, budget: int) -> Tier:
+        """The retrieval (middle) tier at `budget` over the target's cache, one per budget per cache."""
+        if budget not in self._middles:
+            cfg, plan = self.cfg, self.plan
+            c = dict(OmegaConf.to_container(cfg.cache))
+            policy = c.pop("policy")
+            c.pop("budget")
+            chunk, reselect = c.pop("chunk_size"), c.pop("reselect", "once")
+            c.pop("weights", None)  # what the tier runs, not how its cache selects
+            if plan is not None and plan.budget and not self.auto.budget_auto:
+                budget = plan.budget  # what fits the GPU (the planner lowers it if needed)
+            from triforce.policies import make_policy
+
+            mid = make_policy(policy, self._full, self.model, budget, chunk, reselect, **c)
+            # the tier runs the target's weights or their quantized view; its policy sees the target (hooks)
+            self._middles[budget] = self._graph(Tier(policy, self.middle, mid, gamma=self.auto.draft_gammas[0]), "middle")
+        return self._middles[budget]
+
+    def _graph(self, tier: Tier, role: str) -> Tier:
+        """Give `tier` CUDA graphs (on GPU with cuda_graphs) for the step sizes its role can take."""
+        if self.device.type == "cuda" and self.cfg.cuda_graphs and isinstance(tier.model, Transformer) and tier.graphed is None:
+            from triforce.graphs import GraphedModel
+
+            tier.graphed = GraphedModel(tier.model, tier.cache, auto.graph_sizes(self.auto, role))
+        return tier
 
     def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, stream: bool = False,
@@ -381,15 +399,16 @@ class Generator:
                          "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
                         self.group, "generate()'s input")
         stream = stream and self.rank == 0
-        depth = cfg.gamma + cfg.draft.gamma + 2
-        capacity = len(ids) + max_new_tokens + depth
+        capacity = len(ids) + max_new_tokens + self.auto.depth
         plan = None
         if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity):
             self._tiers = None  # free the old caches before planning new ones
             plan = self.plan = self.plan_memory(capacity, max_new_tokens)
             log.info(plan.describe())
-        engine = SpeculativeEngine(self.tiers(capacity, len(ids), plan), temperature, top_p, cfg.prefill_chunk,
-                                   gpu_timing=True, group=self.group)
+        tiers = self.tiers(capacity, len(ids), plan)
+        chooser = auto.make_chooser(self, tiers, len(ids), max_new_tokens) if self.auto.adaptive else None
+        engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group,
+                                   chooser=chooser)
         stop = self.stop_ids
         printed = [0]
         out: list[int] = []
@@ -413,7 +432,8 @@ class Generator:
         return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats)
 
     def _stats(self, engine: SpeculativeEngine, prompt_len: int, n: int, seconds: float) -> dict:
-        decode = seconds - engine.prefill_seconds
+        measure = engine.chooser.measure_seconds if engine.chooser is not None else 0.0
+        decode = seconds - engine.prefill_seconds - measure  # first-use cost measurement reported apart
         stats = {
             "pipeline": self.cfg.pipeline, "model": self.cfg.model.name, "device": str(self.device), "tp": self.tp,
             "dtype": str(self.dtype).removeprefix("torch."), "middle_weights": self.middle_weights if self.has_retrieval else None,
@@ -421,9 +441,11 @@ class Generator:
             "prefill_seconds": engine.prefill_seconds, "decode_seconds": decode,
             "tokens_per_second": n / decode if decode > 0 else None, "tiers": engine.stats(n),
         }
+        if engine.chooser is not None:
+            stats["auto"] = engine.chooser.report(engine, n, decode)
         if self.device.type == "cuda":  # bytes each tier reads per forward: weights + the KV it attends to
             moved = 0.0  # on one rank (its shard), so under tp this is per GPU
-            for t in engine.tiers:
+            for t in (engine.chooser.tiers if engine.chooser is not None else engine.tiers):
                 if not isinstance(t.model, Transformer):  # the lookup draft reads no weights or KV
                     continue
                 kv = t.cache.length if isinstance(t.cache, FullCache) else getattr(t.cache, "budget", 0) + 64
@@ -440,9 +462,17 @@ class Generator:
 
 
 def summary_line(stats: dict) -> str:
-    """One line: throughput, per-tier ms/token, acceptance, mean accepted length (and GB/s on GPU)."""
+    """One line: throughput, the auto choice, per-tier ms/token, acceptance, mean accepted length (and GB/s on GPU)."""
     parts = [f"{stats['generated_tokens']} tokens, {stats['tokens_per_second'] or 0:.2f} tok/s "
              f"(prefill {stats['prefill_seconds']:.1f}s)"]
+    a = stats.get("auto")
+    if a:  # what the chooser ran and why; speed vs autoregressive measured in this run or from the cost model
+        s = f"auto: {a['choice']}" + (f" (+{a['switches']} switches)" if a["switches"] else "") + f" [{a['why']}]"
+        if a["speedup_vs_autoregressive"]:
+            s += f", {a['speedup_vs_autoregressive']:.2f}x autoregressive ({a['autoregressive_source']})"
+        if a["measure_seconds"]:
+            s += f", step costs measured in {a['measure_seconds']:.1f}s"
+        parts.append(s)
     for name, t in stats["tiers"].items():
         s = f"{name}: {t['ms_per_generated_token'] or 0:.1f} ms/tok"
         if t["acceptance_rate"] is not None:
@@ -465,6 +495,22 @@ def load(*overrides: str) -> Generator:
 
 
 def read_prompt(cfg: DictConfig) -> str:
+    """The prompt: `prompt`, a file (`prompt_file`), or a question over a document (`document` +
+    `question`: the first `document_chars` characters of the file, then the question), which makes a
+    long-context prompt of a real text (e.g. data/corpus/*.txt from scripts/fetch_corpus.py)."""
+    if cfg.get("document"):
+        if cfg.prompt_file:
+            raise ValueError("set either prompt_file or document (+ question), not both")
+        if not cfg.get("question"):
+            raise ValueError("document= needs question=\"...\" (what to ask about the document)")
+        path = Path(cfg.document).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"document {path} does not exist (python scripts/fetch_corpus.py fetches data/corpus/*.txt)")
+        chars = cfg.get("document_chars")
+        if chars is not None and (isinstance(chars, bool) or not isinstance(chars, int) or chars < 1):
+            raise ValueError(f"document_chars must be a positive integer or null (the whole file), got {chars!r}")
+        text = path.read_text()[:chars].strip()
+        return f"{text}\n\nQuestion about the text above: {cfg.question}"
     if cfg.prompt_file:
         path = Path(cfg.prompt_file).expanduser()
         if not path.is_file():

@@ -1,0 +1,259 @@
+"""Adaptive speculation vs every fixed configuration, on one GPU (or `--smoke` on CPU).
+
+Part 1 (7B shape, random bf16 weights, CUDA graphs, acceptance decisions INJECTED: a
+benchmark-only switch, random weights accept nothing): at one context, for target-accepts-middle
+rates 0.8 / 0.9 / 0.95 (middle accepts tiny 0.8, target accepts tiny directly 0.5), the engine
+runs autoregressive, retrieval, draft ([target, tiny]) and triforce at several gammas, and the
+adaptive chooser (triforce/auto.py: pipeline and gammas auto, budget 4096), which learns the
+injected rates online from the same counters it reads in a real run.
+Part 2 (real weights through the Generator API; the embedded SmolLM2-135M unless overrides such
+as `+model=qwen2.5-coder-1.5b` are given): prose prompts of 1K and 7K tokens, greedy and T=0.6,
+fixed pipelines vs `pipeline=auto` (each timed run follows an identical untimed one, so graph
+captures and the first-use cost measurement are not timed).
+
+    python scripts/bench_auto.py [--part 1 2] [--context 65536] [--new 256] [HYDRA_OVERRIDES ...]
+    python scripts/bench_auto.py --smoke     # CPU: tiny shapes, a few tokens, checks the script runs
+
+Writes results/auto_<gpu>.json (raw rows + `summary`: `auto_worst_vs_best_fixed`,
+`auto_worst_vs_ar`, the worst over scenarios of auto's tokens/s over the best fixed config's and
+over autoregressive's) and prints each row as it is measured. About 4-5 minutes on an H200.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from triforce import auto
+from triforce.cache import FullCache, RetrievalCache, StreamingCache
+from triforce.engine import SpeculativeEngine, Tier
+from triforce.graphs import GraphedModel
+from triforce.models.llama import ModelArgs, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA2_7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
+                      max_position_embeddings=131072)
+LLAMA_68M = ModelArgs(vocab_size=32000, dim=768, n_layers=2, n_heads=12, n_kv_heads=12, intermediate_size=3072,
+                      max_position_embeddings=2048)
+SMOKE_BIG = ModelArgs(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256,
+                      max_position_embeddings=4096)
+SMOKE_TINY = ModelArgs(vocab_size=512, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                       max_position_embeddings=4096)
+RATES = (0.8, 0.9, 0.95)
+TINY_RATE, TINY_DIRECT_RATE = 0.8, 0.5  # middle accepts tiny / target accepts tiny (injected)
+FIXED = [("autoregressive", ()), ("retrieval", (6,)), ("retrieval", (12,)), ("draft", (4,)), ("draft", (8,)),
+         ("triforce", (8, 4)), ("triforce", (12, 4)), ("triforce", (12, 6)), ("triforce", (16, 6)), ("triforce", (24, 6))]
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def part1(args, out: dict) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    big, small = (SMOKE_BIG, SMOKE_TINY) if args.smoke else (LLAMA2_7B, LLAMA_68M)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    ctx, new, budget = args.context, args.new, (64 if args.smoke else 4096)
+    model = build_model(big, None, device, dtype, context_length=ctx + new + 128).eval()
+    tiny = build_model(small, None, device, dtype, seed=1).eval()
+    full = FullCache(model, ctx + new + 96)
+    ret = RetrievalCache(full, model, budget, 8)
+    sinks, window = (4, 60) if args.smoke else (16, 496)
+    stream = StreamingCache(tiny, sinks, window, slack=48, max_forward=512)
+    target, middle, draft = Tier("target", model, full), Tier("retrieval", model, ret), Tier("tiny", tiny, stream)
+    settings = auto.AutoSettings(tuple(auto.ROLES), auto.GAMMAS, auto.DRAFT_GAMMAS, (budget,))
+    if device.type == "cuda":
+        target.graphed = GraphedModel(model, full, auto.graph_sizes(settings, "target"))
+        middle.graphed = GraphedModel(model, ret, auto.graph_sizes(settings, "middle"))
+        draft.graphed = GraphedModel(tiny, stream, auto.graph_sizes(settings, "draft"))
+    prompt = torch.randint(0, big.vocab_size, (ctx,))
+    full.k[:, :, :ctx].normal_()  # stand-in prefill: random KV (step costs depend on sizes, not values)
+    full.v[:, :, :ctx].normal_()
+    costs = auto.CostModel(Path(args.cost_table)) if args.cost_table else auto.CostModel()
+    by_role = {"target": target, "middle": middle, "draft": draft}
+
+    def stand_in_tiny() -> None:  # the tiny draft's window as if it had read the prompt (no 64K-token prefill)
+        stream.reset()
+        tiny(prompt[None, -(sinks + window):].to(device), stream, last=0)
+        stream.length = ctx - 1
+        stream.start = ctx - 1 - window
+
+    def fake_prefill(engine):
+        """Replaces the engine's prefill for every tier, used now or switched in later: the KV is
+        already random; the retrieval tier adopts it, the tiny draft gets its window."""
+        def prefill(progress=False):
+            sync(device)
+            t0 = time.perf_counter()
+            full.length = ctx - 1
+            ret.reset()
+            ret.adopt_prefix(ctx - 1)
+            stand_in_tiny()
+            sync(device)
+            engine.prefill_seconds = time.perf_counter() - t0
+        return prefill
+
+    rows = []
+    for rate in RATES:
+        inject = {("target", "retrieval"): rate, ("retrieval", "tiny"): TINY_RATE, ("target", "tiny"): TINY_DIRECT_RATE}
+
+        def run(label, make):
+            times = []
+            for n in (min(32, new), new):  # the first captures graphs (and measures costs for auto)
+                eng, chooser = make()
+                eng._prefill = fake_prefill(eng)
+                sync(device)
+                t0 = time.perf_counter()
+                got = len(eng.generate(prompt, n, seed=1))
+                sync(device)
+                sec = time.perf_counter() - t0 - eng.prefill_seconds - (chooser.measure_seconds if chooser else 0.0)
+                times.append((got, sec, eng, chooser))
+            got, sec, eng, chooser = times[-1]
+            row = {"rate": rate, "config": label, "tokens": got, "ms_per_token": 1e3 * sec / got,
+                   "tiers": {k: {m: v[m] for m in ("acceptance_rate", "mean_accepted_length", "forwards")}
+                             for k, v in eng.stats(got).items()}}
+            if chooser is not None:
+                rep = chooser.report(eng, got, sec)
+                row["auto"] = {k: rep[k] for k in ("choice", "why", "sequence", "switches", "predicted_tokens_per_second",
+                                                   "acceptance", "catch_up_seconds", "step_costs_ms")}
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "auto"} | ({"auto": row["auto"]["sequence"]}
+                             if "auto" in row else {})), flush=True)
+            return row
+
+        with torch.inference_mode():
+            for pipeline, gammas in FIXED:
+                tiers = [by_role[r] for r in auto.ROLES[pipeline]]
+
+                def make(tiers=tiers, gammas=gammas):
+                    for t, g in zip(tiers, gammas):
+                        t.gamma = g
+                    return SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance=inject), None
+                run(auto.Config(pipeline, gammas).label, make)
+
+            def make_auto():
+                chooser = auto.Chooser(settings, target, {budget: middle}, draft,
+                                       f"{auto.device_name(device)}|{str(dtype).removeprefix('torch.')}|bench", costs,
+                                       prompt_len=ctx, new_tokens=new)
+                return SpeculativeEngine([target, middle, draft], 0.6, 0.9, injected_acceptance=inject,
+                                         chooser=chooser), chooser
+            run("auto", make_auto)
+    out["injected"] = rows
+    del model, tiny, full
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def part2(args, overrides: list[str], out: dict) -> None:
+    import triforce
+
+    text = (ROOT / "data/corpus/botchan.txt").read_text()
+    new = 16 if args.smoke else 128
+    common = ["chat=false", f"max_new_tokens={new}", "stream=false", *overrides]
+    if args.smoke and not any(o.startswith("+model=") for o in overrides):
+        common.insert(0, "+model=tiny-random")
+    fixed = {"autoregressive": ["pipeline=autoregressive"],
+             "retrieval g=6 B=512": ["pipeline=retrieval", "gamma=6", "cache.budget=512"],
+             "triforce g=6/4 B=512": ["pipeline=triforce", "gamma=6", "draft.gamma=4", "cache.budget=512"]}
+    if "draft" in __import__("triforce.generate", fromlist=["PIPELINES"]).PIPELINES:  # the classic draft pipeline
+        fixed["draft g=4"] = ["pipeline=draft", "gamma=4"]
+    gens = {k: triforce.load(*common, *v) for k, v in fixed.items()}
+    gens["auto"] = triforce.load(*common, "pipeline=auto", "gamma=auto", "draft.gamma=auto", "cache.budget=auto")
+    all_ids = gens["autoregressive"].encode(text, chat=False)
+    rows = []
+    for ctx in ((300, 900) if args.smoke else (1024, 7168)):
+        ids = all_ids[10000:10000 + ctx]
+        for temp in (0.0, 0.6):
+            ref = None
+            for label, gen in gens.items():
+                gen.generate(ids, temperature=temp, seed=0)  # untimed twin: graph captures, first-use cost measurement
+                r = gen.generate(ids, temperature=temp, seed=0)
+                s = r.stats
+                row = {"context": ctx, "temperature": temp, "config": label, "tokens": len(r.token_ids),
+                       "tokens_per_second": s["tokens_per_second"],
+                       "tiers": {k: {m: v[m] for m in ("acceptance_rate", "mean_accepted_length", "ms_per_forward")}
+                                 for k, v in s["tiers"].items()}}
+                if "auto" in s:
+                    row["auto"] = {k: s["auto"][k] for k in ("choice", "why", "sequence", "budget", "switches",
+                                                             "predicted_tokens_per_second", "acceptance")}
+                if temp == 0:
+                    ref = r.token_ids if ref is None else ref
+                    row["greedy_equal_to_autoregressive"] = r.token_ids == ref
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    out["real"] = rows
+    out["real_model"] = gens["autoregressive"].cfg.model.name
+
+
+def scenario_ratios(rows: list[dict], keys: tuple[str, ...], speed) -> list[dict]:
+    """Per scenario: auto's speed over the best fixed config's and over autoregressive's."""
+    out = []
+    for scen in sorted({tuple(r[k] for k in keys) for r in rows}):
+        group = [r for r in rows if tuple(r[k] for k in keys) == scen]
+        fixed = [r for r in group if r["config"] != "auto"]
+        a = next(r for r in group if r["config"] == "auto")
+        ar = next(r for r in group if r["config"] == "autoregressive")
+        best = max(fixed, key=speed)
+        out.append({**dict(zip(keys, scen)), "best_fixed": best["config"], "auto_choice": a.get("auto", {}).get("choice"),
+                    "auto_vs_best_fixed": speed(a) / speed(best), "auto_vs_ar": speed(a) / speed(ar),
+                    "best_fixed_vs_ar": speed(best) / speed(ar)})
+    return out
+
+
+def summarize(out: dict) -> dict:
+    scen = []
+    if out.get("injected"):
+        scen += [{"part": "7B injected", **s} for s in scenario_ratios(out["injected"], ("rate",),
+                                                                        lambda r: 1.0 / r["ms_per_token"])]
+    if out.get("real"):
+        scen += [{"part": out.get("real_model", "real"), **s}
+                 for s in scenario_ratios(out["real"], ("context", "temperature"), lambda r: r["tokens_per_second"])]
+    if not scen:
+        return {}
+    return {"auto_worst_vs_best_fixed": min(s["auto_vs_best_fixed"] for s in scen),
+            "auto_worst_vs_ar": min(s["auto_vs_ar"] for s in scen), "scenarios": scen}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--context", type=int, default=65536, help="part 1 context (7B shape)")
+    ap.add_argument("--new", type=int, default=256, help="part 1 tokens per timed run")
+    ap.add_argument("--smoke", action="store_true", help="CPU-sized run that checks the script end to end")
+    ap.add_argument("--cost-table", default=None, help="step-cost JSON (default: cache_dir()/step_costs.json)")
+    ap.add_argument("--out", default=None)
+    args, overrides = ap.parse_known_args()
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise SystemExit(f"unknown arguments {bad}: Hydra overrides look like key=value or +model=NAME")
+    if args.smoke:
+        args.context, args.new = min(args.context, 512), min(args.new, 24)
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_auto.py measures GPU speed; on a CPU run it with --smoke")
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    tag = "smoke" if args.smoke else ("h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower())
+    out = {"device": name, "torch": torch.__version__, "python": platform.python_version(), "smoke": args.smoke,
+           "settings": {"context": args.context, "new_tokens": args.new, "rates": RATES, "tiny_rate": TINY_RATE,
+                        "tiny_direct_rate": TINY_DIRECT_RATE, "overrides": overrides,
+                        "injected_acceptance": "benchmark-only switch (part 1): accept/reject decisions drawn at the "
+                                               "given rate per (verifier, drafter) pair; part 2 is real"}}
+    torch.manual_seed(0)
+    if 1 in args.part:
+        part1(args, out)
+    if 2 in args.part:
+        part2(args, overrides, out)
+    out["summary"] = summarize(out)
+    path = Path(args.out or ROOT / f"results/auto_{tag}.json")
+    path.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out["summary"].items() if k != "scenarios"}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

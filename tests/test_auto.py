@@ -1,0 +1,147 @@
+"""Adaptive speculation (triforce/auto.py): config validation, the cost table on disk, greedy
+equality with autoregressive while the chooser switches, falling back to autoregressive (from
+measured costs on SmolLM2, and mid-run from observed acceptance)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import triforce
+from triforce import auto
+from triforce.cache import FullCache, StreamingCache
+from triforce.engine import SpeculativeEngine, Tier
+from triforce.models.llama import ModelArgs, build_model
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
+TINY = ["+model=tiny-random", "stream=false", "pipeline=auto", "gamma=auto", "draft.gamma=auto", "cache.budget=auto"]
+PROSE = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+         "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 40
+
+
+def fake_costs(target=10.0, middle=8.0, draft=2.0, per_token=0.1):
+    """Chooser.ms replacement: fixed step costs (ms) that make speculation pay at the prior."""
+    base = {"target": target, "middle": middle, "draft": draft}
+    return lambda self, role, t: base[role] + per_token * t
+
+
+@pytest.fixture
+def cost_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRIFORCE_CACHE", str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("gamma=fast", "gamma must be auto or an integer >= 1"), ("draft.gamma=0", "draft.gamma must be auto"),
+    ("cache.budget=2", "cache.budget must be auto or an integer >= 4"), ("cache.budget=true", "cache.budget"),
+    ("pipeline=fastest", "pipeline must be one of"),
+])
+def test_bad_auto_values(override, msg):
+    with pytest.raises(ValueError, match=msg):
+        triforce.load(*TINY, override)
+
+
+def test_explicit_values_build_no_chooser():
+    gen = triforce.load("+model=tiny-random", "pipeline=triforce", "gamma=6", "draft.gamma=4", "cache.budget=32")
+    assert not gen.auto.adaptive and gen.auto.depth == 12
+    r = gen.generate("hello " * 20, max_new_tokens=8)
+    assert "auto" not in r.stats and set(r.stats["tiers"]) == {"target", "retrieval", "tiny"}
+
+
+def test_cost_table_is_written_then_read(cost_dir):
+    prompt = "a prompt long enough for a retrieval budget " * 16  # 700 byte tokens: budget 256 fits
+    first = triforce.load(*TINY).generate(prompt, max_new_tokens=8).stats["auto"]
+    table = json.loads((cost_dir / "step_costs.json").read_text())
+    assert first["measured_now"] and set(first["measured_now"]) <= set(table)
+    assert any("FullCache@1024" in k for k in table) and any("RetrievalCache256/4" in k for k in table)
+    assert first["measure_seconds"] > 0
+    second = triforce.load(*TINY).generate(prompt, max_new_tokens=8).stats["auto"]  # a new process would do the same
+    assert second["measured_now"] == [] and second["measure_seconds"] == 0
+    for name, c in second["step_costs_ms"].items():
+        assert c["ms"] == {t: round(ms, 4) for t, ms in sorted(table[c["key"]]["ms"].items(), key=lambda x: int(x[0]))}
+
+
+def test_expected_tokens_and_interpolation():
+    assert auto.expected_tokens(0.0, 5) == 1.0 and auto.expected_tokens(1.0, 5) == 6.0
+    assert abs(auto.expected_tokens(0.5, 2) - 1.75) < 1e-12
+    costs = {1: 10.0, 5: 14.0, 9: 30.0}
+    assert auto.interpolate(costs, 1) == 10.0 and auto.interpolate(costs, 3) == 12.0
+    assert auto.interpolate(costs, 13) == 46.0  # extrapolated along the last segment
+
+
+def test_greedy_auto_equals_autoregressive_tiny(cost_dir, monkeypatch):
+    """The real chooser, made to speculate (fake costs) so it switches as acceptance comes in."""
+    ar = triforce.load("+model=tiny-random", "pipeline=autoregressive", "temperature=0")
+    want = ar.generate(PROSE[:600], max_new_tokens=48).token_ids
+    monkeypatch.setattr(auto.Chooser, "ms", fake_costs())
+    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role: None)
+    gen = triforce.load(*TINY, "temperature=0")
+    r = gen.generate(PROSE[:600], max_new_tokens=48)
+    assert r.token_ids == want
+    a = r.stats["auto"]
+    assert a["choice"] != "autoregressive" and a["budget"] == 256
+    assert sum(c["tokens"] for c in a["configs"].values()) == 48
+
+
+def peaky_model(seed: int):
+    """A small random model with sharp logits: two seeds disagree, so drafts are mostly rejected."""
+    args = ModelArgs(vocab_size=12, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                     max_position_embeddings=256)
+    model = build_model(args, None, "cpu", torch.float32, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)
+    return model.eval()
+
+
+def test_stops_speculating_when_acceptance_makes_it_lose(monkeypatch):
+    """Fake costs make speculation pay at the prior acceptance; the draft (another random model)
+    is rarely accepted, so after a few rounds the chooser switches to autoregressive."""
+    target, tiny = peaky_model(1), peaky_model(3)
+    full = FullCache(target, 200)
+    t_target, t_tiny = Tier("target", target, full), Tier("tiny", tiny, StreamingCache(tiny, 2, 8, slack=48, max_forward=64))
+    settings = auto.AutoSettings(("autoregressive", "draft"), (1, 2, 4), (1,), (256,))
+    monkeypatch.setattr(auto.Chooser, "ms", fake_costs(target=10.0, draft=4.0, per_token=0.0))
+    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role: None)
+    chooser = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
+    eng = SpeculativeEngine([t_target, t_tiny], 1.0, 1.0, prefill_chunk=64, chooser=chooser)
+    prompt = torch.randint(0, 12, (48,), generator=torch.Generator().manual_seed(0))
+    eng.generate(prompt, 100, seed=0)
+    seq = [c for c, _ in chooser.report(eng, 100, 1.0)["sequence"]]
+    assert seq[0].startswith("draft") and seq[-1] == "autoregressive", (seq, chooser.pairs)
+    assert chooser.pairs[("target", "draft")].estimate < 0.5
+
+
+@pytest.fixture(scope="module")
+def smollm2_gens():
+    common = ["dtype=float32", "temperature=0", "stream=false", "chat=false"]
+    return triforce.load("pipeline=autoregressive", *common), triforce.load("pipeline=auto", *common)
+
+
+def botchan_ids(gen, n):
+    path = CORPUS / "botchan.txt"
+    text = path.read_text() if path.exists() else PROSE * 4
+    return gen.encode(text, chat=False)[20000 % max(1, len(text) // 8):][:n]
+
+
+def test_cpu_falls_back_to_autoregressive_on_smollm2(smollm2_gens, cost_dir):
+    """Every tier of the embedded SmolLM2 runs the same 135M weights; on a CPU a step is bound by
+    them, not by the KV, so the measured costs say no speculation pays: auto must run AR."""
+    ar, gen = smollm2_gens
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU decision")
+    ids = botchan_ids(ar, 600)
+    r = gen.generate(ids, max_new_tokens=8)
+    a = r.stats["auto"]
+    assert a["measured_now"] and a["choice"] == "autoregressive" and a["switches"] == 0, a["why"]
+    assert a["why"].startswith("best speculative"), a["why"]
+    assert r.token_ids == ar.generate(ids, max_new_tokens=8).token_ids
+
+
+def test_greedy_auto_equals_autoregressive_smollm2(smollm2_gens, cost_dir, monkeypatch):
+    ar, gen = smollm2_gens
+    monkeypatch.setattr(auto.Chooser, "ms", fake_costs(target=10.0, middle=3.0, draft=1.0))
+    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role: None)
+    ids = botchan_ids(ar, 700)
+    r = gen.generate(ids, max_new_tokens=32)
+    assert r.token_ids == ar.generate(ids, max_new_tokens=32).token_ids
+    assert r.stats["auto"]["choice"] != "autoregressive"

@@ -190,6 +190,7 @@ def quantized_view(model: Transformer, weights: str, group_size: int = 128, quan
     view = QuantTransformer.__new__(QuantTransformer)
     nn.Module.__init__(view)
     view.args, view.context_length, view.tp_group = model.args, model.context_length, model.tp_group
+    view.fused_projections = False  # the fused norm-GEMVs read full-precision weights; these dequantize
     view.embed_tokens, view.norm, view.rotary = model.embed_tokens, model.norm, model.rotary
     view.weights, view.group_size = weights, group_size
     blocks = []

@@ -59,6 +59,25 @@ def test_graph_path_matches_eager(models, temperature):
         assert ar.generate(prompt, 40) == outs[0]
 
 
+def test_draft_pipeline_graph_path_matches_eager(models, temperature=0.0):
+    """pipeline=draft: the tiny draft over its own FullCache, verified by the target directly."""
+    target, tiny = models
+    prompt = torch.randint(0, 64, (150,), generator=torch.Generator().manual_seed(2))
+    outs = []
+    for graphs in (False, True):
+        tiers = [Tier("target", target, FullCache(target, 260), gamma=5), Tier("tiny", tiny, FullCache(tiny, 260))]
+        if graphs:
+            for level, t in enumerate(tiers):
+                t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level), capture=CAPTURE)
+        eng = SpeculativeEngine(tiers, temperature, 1.0, prefill_chunk=64)
+        outs.append(eng.generate(prompt, 40, seed=3))
+        assert 0 < eng.tiers[0].stats.accepted < eng.tiers[0].stats.proposed  # some drafts accepted, some not
+    assert outs[0] == outs[1]
+    if temperature == 0:
+        ar = SpeculativeEngine([Tier("target", target, FullCache(target, 260))], 0.0, 1.0, prefill_chunk=64)
+        assert ar.generate(prompt, 40) == outs[0]
+
+
 def test_graph_path_over_offloaded_store(models):
     """The retrieval tier's graph steps read an offloaded store's host layers from its device mirror
     (selected KV + tail); every tier must make the same drafts and verdicts as eager over FullCache."""

@@ -9,7 +9,9 @@ Llama-2-7B-128K shape, random bf16 weights, KV filled with random values, CUDA g
 3. end to end at the longest context (128K on an H200) with acceptance decisions INJECTED (a
    benchmark-only switch: random weights accept nothing): the middle tier at 0.9 with bf16
    weights and at 0.9 - --drop with int4 weights (what quantization costs in acceptance; measure
-   it with the study and pass it here), the tiny draft (llama-68m shape) at 0.8, vs own AR.
+   it with the study and pass it here), the tiny draft (llama-68m shape) at 0.8, vs own AR;
+4. from shapes (the planner) and results/offload_h100.json's measured steps: at a 24 GiB cap and
+   120K context (target KV offloaded), does an int4 middle-tier copy beat the KV layers it displaces?
 
     python scripts/bench_quant.py [--drop 0.05] [--acceptance-csv results/acceptance_quant.csv]
                                   [--real-ar AR.json --real-q4 Q4.json]   # output_json of two generate runs
@@ -235,6 +237,51 @@ def e2e_injected(model, views: dict, tiny, full: FullCache, ctx: int, budget: in
     return results
 
 
+# ----------------------------------------------------------------------------------- 4. 24 GB, offloaded
+
+def offload_trade(step_ratio: float | None, offload_json: Path, ctx: int = 122880, gamma: int = 24,
+                  tiny_gamma: int = 4, rate: float = 0.9, tiny_rate: float = 0.8) -> dict:
+    """At a 24 GiB cap (7B, target KV offloaded): an int4 middle-tier copy vs the KV layers it displaces.
+
+    The planner decides resident layers and budget for each format; a round's cost is modelled from
+    the offloaded steps measured by bench_offload.py (results/offload_*.json): the target's step
+    scales with its offloaded layers (PCIe-bound), the middle tier verifies ~gamma / L times per round
+    (L = (1 - p^(g+1)) / (1 - p) tokens per middle round at the tiny tier's rate p), each costing its
+    measured step times `step_ratio` (int4 over bf16: this run's measurement, and the ideal byte ratio).
+    """
+    from triforce.planner import GiB, plan_memory
+
+    plans = {}
+    for fmt in ("bf16", "int4"):
+        p = plan_memory(LLAMA2_7B, ctx + 256, 4096, gamma, LLAMA_68M, 2, 24 * GiB, 400 * GiB, "auto",
+                        new_tokens=256, draft_cache_tokens=1056, selection_copies=False, chunk_summaries=False,
+                        quantized_bytes=quant_weight_bytes(LLAMA2_7B, fmt))
+        plans[fmt] = {"resident_layers": p.resident_layers, "budget": p.budget, "plan": p.describe()}
+    out = {"context": ctx, "plans": plans}
+    if not offload_json.is_file():
+        return out
+    measured = json.loads(offload_json.read_text())
+    target_ms = measured["target_steps"][0]["ms"]  # all 32 layers offloaded
+    mid_ms, tiny_ms = measured["draft_steps"]["retrieval_verify_ms"], measured["draft_steps"]["tiny_ms"]
+    kv = 4096 * LLAMA2_7B.kv_bytes_per_token(2)
+    ideal = (quant_weight_bytes(LLAMA2_7B, "int4") + kv) / (LLAMA2_7B.weight_bytes(2) + kv)
+    per_mid_round = (1 - tiny_rate ** (tiny_gamma + 1)) / (1 - tiny_rate)
+    tokens = (1 - rate ** (gamma + 1)) / (1 - rate)
+    rounds = {}
+    for label, fmt, ratio in (("bf16", "bf16", 1.0), ("int4 (this kernel)", "int4", step_ratio),
+                              ("int4 (at its byte floor)", "int4", ideal)):
+        if ratio is None:
+            continue
+        offloaded = LLAMA2_7B.n_layers - plans[fmt]["resident_layers"]
+        ms = target_ms * offloaded / LLAMA2_7B.n_layers + gamma / per_mid_round * mid_ms * ratio + gamma * tiny_ms
+        rounds[label] = {"round_ms": ms, "ms_per_token": ms / tokens, "resident_layers": plans[fmt]["resident_layers"],
+                         "middle_step_ratio": ratio}
+    out.update(model=f"injected-style model: middle {rate}, tiny {tiny_rate}, gamma {gamma}/{tiny_gamma}, "
+                     f"steps from {offload_json.name}", rounds=rounds,
+               winner=min(rounds, key=lambda k: rounds[k]["ms_per_token"]))
+    return out
+
+
 # ----------------------------------------------------------------------------------- summary
 
 def acceptance_drop(path: Path | None) -> float | None:
@@ -271,6 +318,8 @@ def summarize(out: dict, args) -> dict:
         s[key + "_expected_length"] = max((r["speedup_vs_ar_expected_length"] for r in runs), default=None)
     s["e2e_context"] = out.get("context")
     s["e2e_injected_acceptance"] = f"middle {args.rate} (bf16) / {args.rate - args.drop:.2f} (int4), tiny 0.8: INJECTED"
+    trade = out.get("offload_24gb", {})
+    s["offload_24gb_120k_winner"] = trade.get("winner")
     s["q4_middle_acceptance_drop"] = acceptance_drop(args.acceptance_csv)
     s["real_q4_speedup_vs_ar_32k"] = real_speedup(args.real_ar, args.real_q4)
     return s
@@ -338,6 +387,9 @@ def main() -> None:
         out["e2e_injected"] = e2e_injected(model, views, tiny, full, ctx, budget, args.rate, args.drop,
                                            16 if args.smoke else args.new_tokens,
                                            gammas[:1] if args.smoke else gammas, device)
+    steps = {r["weights"]: r["verify5_ms"] for r in out["middle_steps"]}
+    out["offload_24gb"] = emit(offload_trade(steps["int4"] / steps["bf16"] if cuda else None,
+                                             ROOT / "results/offload_h100.json"))
     out["seconds"] = time.perf_counter() - t_start
     out["summary"] = summarize(out, args)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from triforce.graphs import GraphedModel, graph_sizes
 from triforce.kernels.gemv import gemv_triton
 from triforce.kernels.quant_gemv import int4_gemv_triton, int8_gemv_triton, quantize_int4, quantize_int8
 from triforce.models.llama import ModelArgs, build_model
-from triforce.models.quant import quant_weight_bytes, quantized_view
+from triforce.models.quant import quant_weight_bytes, quantized_view, quantizes_head
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA2_7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
@@ -264,7 +264,8 @@ def offload_trade(step_ratio: float | None, offload_json: Path, ctx: int = 12288
     target_ms = measured["target_steps"][0]["ms"]  # all 32 layers offloaded
     mid_ms, tiny_ms = measured["draft_steps"]["retrieval_verify_ms"], measured["draft_steps"]["tiny_ms"]
     kv = 4096 * LLAMA2_7B.kv_bytes_per_token(2)
-    ideal = (quant_weight_bytes(LLAMA2_7B, "int4") + kv) / (LLAMA2_7B.weight_bytes(2) + kv)
+    head = 0 if quantizes_head("auto", "int4") else LLAMA2_7B.vocab_size * LLAMA2_7B.dim * 2  # read exact
+    ideal = (quant_weight_bytes(LLAMA2_7B, "int4") + head + kv) / (LLAMA2_7B.weight_bytes(2) + kv)
     per_mid_round = (1 - tiny_rate ** (tiny_gamma + 1)) / (1 - tiny_rate)
     tokens = (1 - rate ** (gamma + 1)) / (1 - rate)
     rounds = {}
@@ -357,7 +358,7 @@ def main() -> None:
            "python": platform.python_version(),
            "settings": {"dtype": str(dtype).removeprefix("torch."), "model": "Llama-2-7B shape, random weights"
                         if not args.smoke else "toy shape (smoke)", "tiny": "llama-68m shape", "int4_group": 128,
-                        "quant_head": True, "budget": args.budget, "retrieval_chunk": 8, "cuda_graphs": cuda,
+                        "quant_head": "auto (int8 quantized, int4 exact)", "budget": args.budget, "retrieval_chunk": 8, "cuda_graphs": cuda,
                         "injected_acceptance": "benchmark-only switch: accept/reject decisions drawn at the given rate"}}
     t_start = time.perf_counter()
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ def model():
 
 @pytest.mark.parametrize("weights,group,tol", [("int8", 128, 0.02), ("int4", 32, 0.25), ("int4", 64, 0.3)])
 def test_view_shares_what_it_does_not_quantize_and_stays_close(model, weights, group, tol):
-    view = quantized_view(model, weights, group)
+    view = quantized_view(model, weights, group, quantize_head=True)
     assert isinstance(view, QuantTransformer) and view.weights == weights
     assert view.embed_tokens is model.embed_tokens and view.norm is model.norm and view.rotary is model.rotary
     for vb, tb in zip(view.layers, model.layers):
@@ -51,6 +51,11 @@ def test_head_stays_shared_without_quant_head(model):
     view = quantized_view(model, "int4", 32, quantize_head=False)
     assert view.lm_head is model.lm_head
     assert view.quantized_bytes == quant_weight_bytes(ARGS, "int4", 32, quantize_head=False, dtype_bytes=4)
+    # auto: int8 quantizes the head, int4 keeps it exact
+    assert quantized_view(model, "int4", 32).lm_head is model.lm_head
+    assert isinstance(quantized_view(model, "int8").lm_head, QuantLinear)
+    with pytest.raises(ValueError, match="quant_head must be true, false or auto"):
+        quantized_view(model, "int8", quantize_head="yes")
 
 
 @pytest.mark.parametrize("weights,group", [("int8", 128), ("int4", 32), ("int4", 128)])
@@ -62,7 +67,8 @@ def test_planner_bytes_are_the_views_bytes(model, weights, group):
 
 def test_7b_copy_sizes():
     a7 = ModelArgs()  # Llama-2-7B shape
-    assert 3.2 < quant_weight_bytes(a7, "int4") / GiB < 3.4  # ~1/4 of the 12.6 GiB bf16 weights, scales included
+    assert 3.2 < quant_weight_bytes(a7, "int4", quantize_head=True) / GiB < 3.4  # ~1/4 of 12.6 GiB, scales included
+    assert 3.1 < quant_weight_bytes(a7, "int4") / GiB < quant_weight_bytes(a7, "int4", quantize_head=True) / GiB
     assert 6.1 < quant_weight_bytes(a7, "int8") / GiB < 6.3
     assert quant_weight_bytes(a7, "bf16") == 0
 
@@ -88,6 +94,7 @@ def test_engine_refuses_a_quantized_target(model):
     (["+weights=int4"], "the target cannot be quantized"),
     (["+model.weights=int8"], "the target cannot be quantized"),
     (["cache.weights=int4", "quant_group_size=100"], "group size must be one of"),
+    (["cache.weights=int8", "quant_head=maybe"], "quant_head must be true, false or auto"),
     (["+model=smollm2-135m", "model.draft_path=lookup", "draft.weights=int4"], "has no weights"),
 ])
 def test_generator_rejects_bad_weight_settings_before_loading(overrides, match, monkeypatch):
@@ -128,6 +135,17 @@ def test_planner_trades_the_copy_against_resident_kv_layers():
     quant = plan_memory(**kw, quantized_bytes=quant_weight_bytes(a7, "int4"))
     assert plain.offload and quant.offload and quant.resident_layers < plain.resident_layers
     assert plain.resident_layers - quant.resident_layers >= 1  # 3.3 GiB ~ 1.7 layers of 40K-token KV
-    assert "quantized drafts 3.3" in quant.describe()
+    assert "quantized drafts 3.2" in quant.describe()  # int4 with the head kept exact (quant_head auto)
     with pytest.raises(ValueError, match="quantized draft weights"):
         plan_memory(**{**kw, "gpu_bytes": 15 * GiB}, quantized_bytes=quant_weight_bytes(a7, "int8"))
+
+
+@pytest.mark.parametrize("middle,tiny", [("int8", "int4"), ("int4", "int4"), ("bf16", "int8")])
+def test_tiny_random_greedy_equals_autoregressive(middle, tiny):
+    ids = [i % 64 for i in range(1, 90)]
+    ar = triforce.load("+model=tiny-random", "pipeline=autoregressive", "temperature=0")
+    spec = triforce.load("+model=tiny-random", "pipeline=triforce", "temperature=0", f"cache.weights={middle}",
+                         f"draft.weights={tiny}", "quant_group_size=32")
+    got = spec.generate(ids, max_new_tokens=20)
+    assert got.token_ids == ar.generate(ids, max_new_tokens=20).token_ids
+    assert got.stats["middle_weights"] == middle and got.stats["tiny_weights"] == tiny

@@ -249,7 +249,7 @@ def run_study(cfg: DictConfig) -> list[dict]:
     n_done = sum(tuple(s[k] for k in KEY) in done for s in specs)
     gen = Generator(cfg)
     # quantized views of the target (middle tier) and of the tiny draft, built once for every run
-    group, head = int(cfg.get("quant_group_size", 128)), bool(cfg.get("quant_head", True))
+    group, head = int(cfg.get("quant_group_size", 128)), cfg.get("quant_head", "auto")
     middle_formats, tiny_formats = weight_axes(cfg)
     views = {w: quantized_view(gen.model, w, group, head) for w in middle_formats}
     tiny_models = ({w: gen.draft if w == gen.tiny_weights else quantized_view(gen.draft, w, group, head)

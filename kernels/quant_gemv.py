@@ -14,6 +14,14 @@ in memory. Formats (computed at load, round to nearest):
 
 Dispatch as kernels/gemv.py: CUDA + bf16/fp16 + <= 16 rows -> Triton, else the reference
 (dequantize, then F.linear): CPU, float32, and prefill-sized row counts.
+
+Measured on the H200 (bf16, CUDA graphs, weights rotated out of L2; microseconds for 1 / 8 rows):
+q/k/v 12288x4096: bf16 GEMV 26.0 / 30.9, int8 16.9 / 18.0, int4 25.9 / 27.8; down 4096x11008:
+bf16 23.6 / 25.1, int8 19.8 / 23.8, int4 29.8 / 43.8. int8 runs at 2.3-2.9 TB/s of its bytes;
+int4 is bound by its unpacking (~1 TB/s: shift/mask, a float build from the exponent bits, two
+multiply-adds per weight, a register join into k order), not by bytes, so it is no faster than
+bf16 yet. What would fix it: converting two nibbles per instruction (lop3/prmt inline assembly,
+as Marlin-style kernels do) and an offline shuffle of the packed layout.
 """
 from __future__ import annotations
 
@@ -203,8 +211,8 @@ def int4_gemv_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                          f"{tuple(zero.shape)} do not describe K={k} in groups of {group}")
     m = x.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    # groups per loop step (unrolled), rows per program, warps: best of a sweep on the H200 over the 7B shapes
-    block_n, per_step, warps, dot = (16, 4, 4, False) if m == 1 else (32, 2, 4, True)
+    # rows per program, groups per loop step (unrolled), warps: best of a sweep on the H200 over the 7B shapes
+    block_n, per_step, warps, dot = (32, 4, 8, False) if m == 1 else (32, 4, 4, True)
     _int4_gemv_kernel[(triton.cdiv(n, block_n),)](
         x, packed, scale, zero, bias if bias is not None else scale, y, m, n, k, packed.shape[1], x.stride(0),
         packed.stride(0), scale.stride(0), y.stride(0), GROUP=group, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,

@@ -32,6 +32,21 @@ def check_weights(key: str, weights: str) -> None:
                          f"(bf16 = the target's own weights in the compute dtype)")
 
 
+def quantizes_head(quantize_head: bool | str, weights: str) -> bool:
+    """Whether a `weights` draft quantizes its LM head: `quant_head` true / false, or "auto".
+
+    auto: int8 yes, int4 no. Measured on SmolLM2-135M (768 tokens of prose, teacher-forced, vs the
+    target's distribution): int8 TV 0.032 with the head quantized vs 0.025 exact; int4 0.345 vs
+    0.279 (top-1 agreement 0.54 vs 0.69). A 7B's head is 2% of its weights (int4: +5% step bytes kept
+    exact), a small model's tied head a fifth of them, and int4 rounding of the head costs the most.
+    """
+    if quantize_head == "auto":
+        return weights == "int8"
+    if not isinstance(quantize_head, bool):
+        raise ValueError(f"quant_head must be true, false or auto, got {quantize_head!r}")
+    return quantize_head
+
+
 def refuse_quantized_target(weights: str | None) -> None:
     """The target's weights define the output distribution: quantizing them would change it."""
     if weights not in (None, "bf16"):
@@ -85,15 +100,16 @@ def linear_bytes(out_features: int, in_features: int, bits: int, group_size: int
     return out_features * groups * group_size // 2 + 2 * out_features * groups * dtype_bytes
 
 
-def quant_weight_bytes(args: ModelArgs, weights: str, group_size: int = 128, quantize_head: bool = True,
+def quant_weight_bytes(args: ModelArgs, weights: str, group_size: int = 128, quantize_head: bool | str = "auto",
                        dtype_bytes: int = 2) -> int:
     """Bytes of the quantized copy `quantized_view` makes of a model with shapes `args` (0 for bf16).
 
-    7B (Llama-2) int4, group 128, head included: 3.3 GiB; int8: 6.2 GiB.
+    7B (Llama-2), group 128: int4 3.2 GiB (3.3 with the head), int8 6.2 GiB with the head.
     """
     check_weights("weights", weights)
     if weights == "bf16":
         return 0
+    quantize_head = quantizes_head(quantize_head, weights)
     bits = int(weights[3:])
     hd, d = args.head_dim, args.dim
     layer = (linear_bytes((args.n_heads + 2 * args.n_kv_heads) * hd, d, bits, group_size, dtype_bytes)
@@ -174,14 +190,17 @@ class QuantTransformer(Transformer):
 
 
 @torch.no_grad()
-def quantized_view(model: Transformer, weights: str, group_size: int = 128, quantize_head: bool = True) -> Transformer:
-    """`model` itself for "bf16"; else a QuantTransformer over quantized copies of its projections.
+def quantized_view(model: Transformer, weights: str, group_size: int = 128,
+                   quantize_head: bool | str = "auto") -> Transformer:
+    """`model` itself for "bf16"; else a QuantTransformer over quantized copies of its projections
+    (and of its LM head as `quantizes_head` says).
 
     Layer by layer, so the transient float32 of quantization is one projection, not the model.
     """
     check_weights("weights", weights)
     if weights == "bf16":
         return model
+    quantize_head = quantizes_head(quantize_head, weights)
     if isinstance(model, QuantTransformer):
         raise ValueError(f"model is already quantized ({model.weights}): quantize the full-precision model")
     bits = int(weights[3:])

@@ -8,7 +8,11 @@ Reads the JSON lines of results/acceptance[_NAME]_runs.jsonl and writes
   tiny draft vs the target dashed, where measured), then tiny vs middle; and mean accepted length
   vs gamma for the gamma-sweep policies at the gamma-sweep budget, where the runs hold a sweep;
 and prints markdown tables (policy x budget, per pair and temperature) at the longest prompt length.
+Runs of the weights axes (`study.weights`, `study.tiny_weights`) are series of their own
+("retrieval/int4"), and a further table gives the tiny tier's acceptance by its weights.
 Usage: python scripts/plot_acceptance.py [--name qwen | --runs PATH --csv PATH --png PATH] [--gamma 6]
+Quantized-draft study: --runs results/acceptance_quant_runs.jsonl --csv results/acceptance_quant.csv
+    --png results/acceptance_quant.png
 """
 from __future__ import annotations
 
@@ -54,6 +58,39 @@ def select(rows: list[dict], **match) -> list[dict]:
     return [r for r in rows if all(r[k] == v for k, v in match.items())]
 
 
+def series(r: dict) -> str:
+    """A run's series: its policy, with the middle tier's weights when they are not the target's own."""
+    w = r.get("weights") or "bf16"
+    return r["policy"] if w == "bf16" else f"{r['policy']}/{w}"
+
+
+def with_series(rows: list[dict]) -> list[dict]:
+    """Rows of the middle-tier comparison (tiny tier at its first weights) with a `series` column."""
+    first_tiny = next((r.get("tiny_weights") or "bf16" for r in rows), "bf16")
+    return [{**r, "series": series(r)} for r in rows if (r.get("tiny_weights") or "bf16") == first_tiny]
+
+
+def tiny_table(rows: list[dict], gamma: int, temperature: float, prompt_tokens: int) -> str | None:
+    """Tiny-vs-middle acceptance by the tiny tier's weights x budget (None without a tiny_weights axis)."""
+    sub = [r for r in select(rows, gamma=gamma, temperature=temperature, prompt_tokens=prompt_tokens)
+           if r.get("tiny_accept_rate") is not None]
+    kinds = list(dict.fromkeys(r.get("tiny_weights") or "bf16" for r in sub))
+    if len(kinds) < 2:
+        return None
+    means = mean_by([{**r, "tw": r.get("tiny_weights") or "bf16", "s": series(r)} for r in sub],
+                    ("s", "tw", "budget"), "tiny_accept_rate")
+    budgets = sorted({r["budget"] for r in sub})
+    lines = [f"Acceptance of the tiny tier's drafts by the middle tier, by tiny-tier weights (prompt {prompt_tokens}, "
+             f"gamma {gamma}, T={temperature})", "", "| middle tier | tiny weights | " + " | ".join(f"B={b}" for b in budgets) + " |",
+             "|---|---|" + "---:|" * len(budgets)]
+    for s_name in dict.fromkeys(k[0] for k in means):
+        for tw in kinds:
+            cells = [f"{means[s_name, tw, b]:.3f}" if (s_name, tw, b) in means else "" for b in budgets]
+            if any(cells):
+                lines.append(f"| {s_name} | {tw} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def gamma_budget(rows: list[dict]) -> int | None:
     """The budget of the gamma sweep: the one with the most distinct gammas."""
     gammas: dict[int, set] = defaultdict(set)
@@ -73,9 +110,9 @@ PAIRS = {  # column -> what it measures
 def markdown_table(rows: list[dict], gamma: int, temperature: float, prompt_tokens: int,
                    value: str = "accept_rate") -> str:
     """Policy x budget acceptance of one pair (`value`) at one gamma, temperature and prompt length."""
-    sub = select(rows, gamma=gamma, temperature=temperature, prompt_tokens=prompt_tokens)
-    means = mean_by(sub, ("policy", "budget"), value)
-    policies = list(dict.fromkeys(r["policy"] for r in sub))
+    sub = select(with_series(rows), gamma=gamma, temperature=temperature, prompt_tokens=prompt_tokens)
+    means = mean_by(sub, ("series", "budget"), value)
+    policies = list(dict.fromkeys(r["series"] for r in sub))
     budgets = sorted({r["budget"] for r in sub})
     docs = len({r["document"] for r in sub})
     method = sub[0].get("method", "engine") if sub else "engine"
@@ -123,9 +160,9 @@ def plot(rows: list[dict], path: Path, gamma: int, temperatures: list[float]) ->
     fig, axes = plt.subplots(len(panel_rows), cols, figsize=(4.2 * cols, 3.6 * len(panel_rows)), squeeze=False)
     for i, (temperature, value) in enumerate(panel_rows):
         for ax, n in zip(axes[i], lengths):
-            sub = select(rows, gamma=gamma, temperature=temperature, prompt_tokens=n)
-            means = mean_by(sub, ("policy", "budget"), value)
-            for p in dict.fromkeys(r["policy"] for r in sub):
+            sub = select(with_series(rows), gamma=gamma, temperature=temperature, prompt_tokens=n)
+            means = mean_by(sub, ("series", "budget"), value)
+            for p in dict.fromkeys(r["series"] for r in sub):
                 pts = sorted((b, a) for (q, b), a in means.items() if q == p)
                 ax.plot([b for b, _ in pts], [a for _, a in pts], marker="o", label=p)
             tt = [r["tiny_target_accept_rate"] for r in sub if r.get("tiny_target_accept_rate") is not None]
@@ -144,11 +181,11 @@ def plot(rows: list[dict], path: Path, gamma: int, temperatures: list[float]) ->
         temperature = temperatures[0]
         ax = axes[0][-1]
         n = max(lengths, key=lambda m: (len({r["gamma"] for r in select(rows, budget=gb, prompt_tokens=m)}), m))
-        sub = select(rows, budget=gb, temperature=temperature, prompt_tokens=n)
-        means = mean_by(sub, ("policy", "gamma"), "mean_accepted_length")
+        sub = select(with_series(rows), budget=gb, temperature=temperature, prompt_tokens=n)
+        means = mean_by(sub, ("series", "gamma"), "mean_accepted_length")
         gammas_per = defaultdict(set)
         for r in sub:
-            gammas_per[r["policy"]].add(r["gamma"])
+            gammas_per[r["series"]].add(r["gamma"])
         for p in [p for p in gammas_per if len(gammas_per[p]) > 1]:
             pts = sorted((g, m) for (q, g), m in means.items() if q == p)
             ax.plot([g for g, _ in pts], [m for _, m in pts], marker="o", label=p)
@@ -192,6 +229,7 @@ def main(argv: list[str] | None = None) -> str:
               for t in temperatures]
     if has(rows, "tiny_target_accept_rate"):
         tables.append(tiny_target_table(rows, temperatures))
+    tables += [t for t in (tiny_table(rows, gamma, temp, n) for temp in temperatures) if t]
     table = "\n\n".join(tables)
     print(table)
     return table

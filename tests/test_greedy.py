@@ -21,6 +21,9 @@ def generators():
     # some layers resident and the retrieval tier runs graphs over the store's device mirror
     gens["triforce_offloaded"] = triforce.load("pipeline=triforce", "offload=true", *common)
     gens["triforce_lookup"] = triforce.load("+model=smollm2-135m", "model.draft_path=lookup", "pipeline=triforce", *common)
+    # quantized drafts (the target keeps its weights): int8 middle + int4 tiny, and one int4 copy serving both
+    gens["triforce_int8_int4"] = triforce.load("pipeline=triforce", "cache.weights=int8", "draft.weights=int4", *common)
+    gens["triforce_int4"] = triforce.load("pipeline=triforce", "cache.weights=int4", "draft.weights=int4", *common)
     return gens
 
 
@@ -35,7 +38,8 @@ def prompts(gen):
     }
 
 
-@pytest.mark.parametrize("pipeline", ["retrieval", "triforce", "triforce_offloaded", "triforce_lookup", "draft"])
+@pytest.mark.parametrize("pipeline", ["retrieval", "triforce", "triforce_offloaded", "triforce_lookup", "draft",
+                                      "triforce_int8_int4", "triforce_int4"])
 def test_greedy_equals_autoregressive(generators, pipeline):
     ar, spec = generators["autoregressive"], generators[pipeline]
     for name, ids in prompts(ar).items():

@@ -21,6 +21,7 @@ from triforce.cache import FullCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.lookup import LookupCache, PromptLookup
 from triforce.models.llama import ModelArgs, build_model
+from triforce.models.quant import quantized_view
 from triforce.policies import make_policy
 from triforce.sampling import process_logits, sample
 
@@ -45,11 +46,12 @@ def setup():
     return target, tiny, prompt
 
 
-def tiers(target, tiny, pipeline, policy="retrieval"):
+def tiers(target, tiny, pipeline, policy="retrieval", middle_weights="bf16"):
     full = FullCache(target, PROMPT + 32)
     out = [Tier("target", target, full, gamma=3)]
     if pipeline in ("retrieval", "triforce", "triforce_lookup"):
-        out.append(Tier(policy, target, make_policy(policy, full, target, 8, 4, "once"), gamma=2))
+        middle = quantized_view(target, middle_weights, group_size=32)  # the target itself for bf16
+        out.append(Tier(policy, middle, make_policy(policy, full, target, 8, 4, "once"), gamma=2))
     if pipeline == "triforce":
         out.append(Tier("tiny", tiny, StreamingCache(tiny, 2, 4, max_forward=64)))
     if pipeline == "triforce_lookup":  # a deterministic (one-hot) bottom tier
@@ -110,8 +112,9 @@ CYCLE_SPEC_FIRST = [((0, 1, 2), (3, 2)), ((0,), ()), ((0, 2), (2,)), ((0, 1), (1
 CYCLE_AR_FIRST = CYCLE_SPEC_FIRST[1:] + CYCLE_SPEC_FIRST[:1]
 
 
-def empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy="retrieval", cycle=None):
-    tier_list = tiers(target, tiny, pipeline, policy)
+def empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy="retrieval", middle_weights="bf16",
+                    cycle=None):
+    tier_list = tiers(target, tiny, pipeline, policy, middle_weights)
     chooser = Alternating(tier_list, cycle) if cycle else None
     eng = SpeculativeEngine(tier_list, temperature, top_p, prefill_chunk=64, chooser=chooser)
     counts = torch.zeros(V, V)
@@ -135,20 +138,22 @@ def broken_verify(draft, q, p, generator=None):
     return n, sample(p[min(n, g)][None], generator)[0]
 
 
-CASES = [("retrieval", 1.0, 1.0, "retrieval"), ("triforce", 1.0, 1.0, "retrieval"),
-         ("triforce", 1.0, 0.8, "retrieval"), ("triforce", 1.0, 1.0, "streaming"), ("retrieval", 1.0, 1.0, "h2o"),
-         ("triforce_lookup", 1.0, 0.8, "retrieval"), ("draft", 1.0, 0.8, None)]
+CASES = [("retrieval", 1.0, 1.0, "retrieval", "bf16"), ("triforce", 1.0, 1.0, "retrieval", "bf16"),
+         ("triforce", 1.0, 0.8, "retrieval", "bf16"), ("triforce", 1.0, 1.0, "streaming", "bf16"),
+         ("retrieval", 1.0, 1.0, "h2o", "bf16"), ("triforce_lookup", 1.0, 0.8, "retrieval", "bf16"),
+         ("draft", 1.0, 0.8, None, "bf16"),
+         ("triforce", 1.0, 0.8, "retrieval", "int4")]  # an int4 middle tier: other weights, same output
 
 
-@pytest.mark.parametrize("pipeline,temperature,top_p,policy", CASES)
-def test_output_distribution_is_the_targets(setup, pipeline, temperature, top_p, policy):
+@pytest.mark.parametrize("pipeline,temperature,top_p,policy,middle_weights", CASES)
+def test_output_distribution_is_the_targets(setup, pipeline, temperature, top_p, policy, middle_weights):
     target, tiny, prompt = setup
     truth = exact_joint(target, prompt, temperature, top_p)
     # the drafts must really differ from the target, or the test could not fail
     t_first = truth.sum(1)
-    d_first = first_token_dist(target, tiers(target, tiny, pipeline, policy), prompt, temperature, top_p)
+    d_first = first_token_dist(target, tiers(target, tiny, pipeline, policy, middle_weights), prompt, temperature, top_p)
     assert 0.5 * (t_first - d_first).abs().sum() > 0.05
-    emp = empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy)
+    emp = empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy, middle_weights)
     tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
     assert tv < bound, f"TV {tv:.4f} exceeds the sampling bound {bound:.4f}"
 

@@ -160,3 +160,25 @@ def test_forced_acceptance_is_one_exactly_when_the_drafter_is_the_verifier(tmp_p
         assert row["accept_rate"] == pytest.approx(1, abs=1e-5)
         assert row["tiny_target_accept_rate"] < 0.99
         assert row["tiny_accept_rate"] == pytest.approx(row["tiny_target_accept_rate"], abs=1e-5)
+
+
+def test_weights_axes_rows_and_tables(tmp_path):
+    """study.weights x study.tiny_weights (one factor at a time): a row per format, views really
+    quantized (acceptance below the bf16 middle tier's on at least one run is not required, but the
+    rows must say which weights ran), and the tables name the series."""
+    overrides = ["+model=tiny-random", f"study.out={tmp_path / 'q.jsonl'}", f"study.corpus_dir={tmp_path / 'none'}",
+                 "study.documents=[a]", "study.prompt_tokens=[96]", "study.temperatures=[0.6]",
+                 "study.policies=[retrieval]", "study.budgets=[16,32]", "study.gammas=[]", "study.max_new_tokens=8",
+                 "study.weights=[bf16,int4]", "study.tiny_weights=[bf16,int8]", "quant_group_size=32"]
+    rows = run_study(compose_study(overrides))
+    combos = {(r["weights"], r["tiny_weights"]) for r in rows}
+    assert combos == {("bf16", "bf16"), ("int4", "bf16"), ("bf16", "int8")} and len(rows) == 6
+    assert all(0 <= r["accept_rate"] <= 1 and r["tiny_accept_rate"] is not None for r in rows)
+    assert run_study(compose_study(overrides)) == []  # resume knows the weights keys
+    plot = load_plot_script()
+    table = plot.main(["--runs", str(tmp_path / "q.jsonl"), "--csv", str(tmp_path / "q.csv"), "--no-png"])
+    assert "| retrieval |" in table and "| retrieval/int4 |" in table and "| retrieval | int8 |" in table
+    header = (tmp_path / "q.csv").read_text().splitlines()[0]
+    assert "weights" in header and "tiny_weights" in header
+    with pytest.raises(ValueError, match="study.weights='int2' is not a weight format"):
+        check_config(compose_study(overrides[:-3] + ["study.weights=[int2]"]))

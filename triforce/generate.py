@@ -26,7 +26,8 @@ from triforce.engine import SpeculativeEngine, Tier
 from triforce.kernels.quant_gemv import check_group_size
 from triforce.lookup import LookupCache, PromptLookup
 from triforce.models.llama import ModelArgs, Transformer, build_model, check_tp, embedded_gguf, load_hf_dir, resolve_checkpoint
-from triforce.models.quant import QuantLinear, QuantTransformer, check_weights, quantized_view, refuse_quantized_target
+from triforce.models.quant import (QuantLinear, QuantTransformer, check_weights, quant_weight_bytes, quantized_view,
+                                   quantizes_head, refuse_quantized_target)
 from triforce.sampling import check_sampling
 
 log = logging.getLogger("triforce")
@@ -163,7 +164,14 @@ class Generator:
         self._tiers, self.plan = None, None
         # the middle tier runs the target's weights or, with cache.weights=int8|int4, a quantized
         # view of them (shared embedding and norms); the target always runs its own
-        group, head = int(cfg.get("quant_group_size", 128)), bool(cfg.get("quant_head", True))
+        group, head = int(cfg.get("quant_group_size", 128)), cfg.get("quant_head", "auto")
+        if self.device.type == "cuda" and self.has_retrieval and self.middle_weights != "bf16":
+            copy = quant_weight_bytes(self.model.local_args, self.middle_weights, group, head, self.dtype.itemsize)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if copy > free:
+                raise RuntimeError(f"the {self.middle_weights} copy of the target's weights for the middle tier needs "
+                                   f"{copy / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB is free: use "
+                                   f"cache.weights=bf16 (the target's own weights, no copy) or a bigger GPU")
         self.middle = quantized_view(self.model, self.middle_weights, group, head) if self.has_retrieval else self.model
         self.draft = None
         if self.has_tiny:
@@ -233,6 +241,7 @@ class Generator:
         check_weights("draft.weights", tiny)
         if "int4" in (middle, tiny):
             check_group_size(int(cfg.get("quant_group_size", 128)))
+        quantizes_head(cfg.get("quant_head", "auto"), middle)  # true, false or auto
         if tiny != "bf16" and cfg.model.get("draft_path") == "lookup" and cfg.pipeline == "triforce":
             raise ValueError(f"draft.weights={tiny}: the prompt-lookup draft (model.draft_path=lookup) has no weights "
                              f"to quantize; use draft.weights=bf16 or a model draft")

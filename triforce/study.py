@@ -14,6 +14,10 @@ one JSON line per run to `study.out`. `study.method` says how a run measures acc
   drafting straight for the target, the classic 2-tier draft-model pipeline).
 Prompts are the first `prompt_tokens` tokens of prose documents (`study.corpus=prose`) or
 repository-level code completion tasks (`study.corpus=code`, `triforce.corpus.code_tasks`).
+`study.weights` runs the middle tier on the target's own weights (bf16) or on int8/int4 views of
+them (models/quant.py); `study.tiny_weights` does the same for the tiny tier of the 3-tier runs
+(varied with the middle tier at the first `study.weights` entry, one factor at a time; engine
+method only).
 Weights load once (`Generator`). At ~32 new tokens per run the prompt's prefill would dominate, so
 it runs once per prompt and every run on that prompt restores it (`SharedPrefill`).
 `scripts/plot_acceptance.py` turns the JSON lines into a CSV, a figure and a markdown table.
@@ -37,14 +41,17 @@ from triforce.cache import FullCache, StreamingCache
 from triforce.corpus import code_task_ids, code_tasks
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.generate import Generator, default_model_config
+from triforce.models.llama import Transformer
+from triforce.models.quant import check_weights, quantized_view
 from triforce.policies import POLICIES, make_policy
 from triforce.sampling import check_sampling, process_logits, sample
 
 log = logging.getLogger("triforce.study")
 # the settings that identify a run (resume skips runs whose key already has a row)
 KEY = ("model", "document", "prompt_tokens", "temperature", "policy", "budget", "chunk_size", "reselect",
-       "gamma", "draft_gamma", "seed", "max_new_tokens", "tiny", "method", "corpus")
-KEY_DEFAULTS = {"method": "engine", "corpus": "prose"}  # rows written before these keys existed
+       "gamma", "draft_gamma", "seed", "max_new_tokens", "tiny", "method", "corpus",
+       "weights", "tiny_weights")
+KEY_DEFAULTS = {"method": "engine", "corpus": "prose", "weights": "bf16", "tiny_weights": "bf16"}  # rows written before these keys existed
 METHODS = ("engine", "forced")
 CORPORA = ("prose", "code")
 
@@ -56,12 +63,22 @@ def run_specs(cfg: DictConfig) -> list[dict]:
     grid = [(p, int(b), int(cfg.gamma)) for p in s.policies for b in s.budgets]
     grid += [(p, int(s.gamma_budget), int(g)) for p in s.gamma_policies for g in s.gammas]
     docs = code_task_ids(int(s.code_documents), s.corpus_dir) if s.corpus == "code" else list(s.documents)
+    middle, tiny = weight_axes(cfg)
+    formats = dict.fromkeys([(w, tiny[0]) for w in middle] + [(middle[0], w) for w in tiny])  # one factor at a time
     return [dict(model=model, document=doc, prompt_tokens=int(n), temperature=float(t), policy=p, budget=b,
                  chunk_size=int(cfg.cache.chunk_size), reselect=cfg.cache.reselect, gamma=g,
                  draft_gamma=int(cfg.draft.gamma), seed=int(cfg.seed), max_new_tokens=int(s.max_new_tokens),
-                 tiny=bool(s.tiny), method=s.method, corpus=s.corpus)
+                 tiny=bool(s.tiny), method=s.method, corpus=s.corpus, weights=w, tiny_weights=tw)
             for doc in docs for n in s.prompt_tokens for t in s.temperatures
-            for p, b, g in dict.fromkeys(grid)]
+            for w, tw in formats for p, b, g in dict.fromkeys(grid)]
+
+
+def weight_axes(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """study.weights and study.tiny_weights (the tiny one is ["bf16"] without 3-tier runs)."""
+    s = cfg.study
+    middle = [str(w) for w in s.get("weights") or ["bf16"]]
+    tiny = [str(w) for w in s.get("tiny_weights") or ["bf16"]] if s.tiny else ["bf16"]
+    return middle, tiny
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -94,6 +111,16 @@ def check_config(cfg: DictConfig) -> None:
         if n < 2 or n + s.max_new_tokens + depth > m.context_length:
             raise ValueError(f"prompt_tokens={n} must be >= 2 and, with max_new_tokens={s.max_new_tokens} and "
                              f"speculation depth {depth}, fit the context of {m.context_length} ({m.name})")
+    middle, tiny = weight_axes(cfg)
+    for w in middle:
+        check_weights("study.weights", w)
+    for w in tiny:
+        check_weights("study.tiny_weights", w)
+    if s.method == "forced" and set(middle + tiny) != {"bf16"}:
+        raise ValueError("study.weights / study.tiny_weights other than [bf16] need study.method=engine "
+                         "(the forced method scores the target's own weights only)")
+    if "int4" in middle + tiny and int(cfg.get("quant_group_size", 128)) not in (32, 64, 128):
+        raise ValueError(f"quant_group_size must be 32, 64 or 128 for int4 views, got {cfg.quant_group_size}")
     unknown = set(s.policy_kwargs) - set(POLICIES)
     if unknown:
         raise ValueError(f"study.policy_kwargs names unknown policies {sorted(unknown)}")
@@ -127,21 +154,26 @@ class SharedPrefill:
 
     Runs never write below the prompt's length: the target rolls back to it and drafts write only
     past the target's verified length. So restoring `full.length` restores the target's KV. The
-    tiny draft's StreamingLLM cache compacts in place, so its buffers are snapshotted and copied back.
+    tiny draft's StreamingLLM cache compacts in place, so its buffers are snapshotted and copied back;
+    each tiny model (`tiny_models`: weights format -> model, default the Generator's draft) has its
+    own cache, prefilled with its own weights.
     """
 
-    def __init__(self, gen: Generator, ids: list[int], capacity: int, slack: int):
+    def __init__(self, gen: Generator, ids: list[int], capacity: int, slack: int,
+                 tiny_models: dict[str, Transformer] | None = None):
         self.ids, self.n = torch.tensor(ids), len(ids) - 1
         chunk = gen.cfg.prefill_chunk
         self.full = FullCache(gen.model, capacity)
         self._absorb(gen.model, self.full, chunk)
-        self.tiny = None
-        if gen.draft is not None:
-            d = gen.cfg.draft
-            self.tiny = StreamingCache(gen.draft, d.sinks, d.window, slack=slack, max_forward=max(chunk, d.gamma + 1),
-                                       position_shift=d.position_shift)
-            self._absorb(gen.draft, self.tiny, chunk)
-            self.tiny_state = (self.tiny.k.clone(), self.tiny.v.clone(), self.tiny.start)
+        if tiny_models is None:
+            tiny_models = {gen.tiny_weights: gen.draft} if gen.draft is not None else {}
+        self.tiny, self.tiny_state, self.tiny_models = {}, {}, tiny_models
+        d = gen.cfg.draft
+        for weights, model in tiny_models.items():
+            cache = StreamingCache(model, d.sinks, d.window, slack=slack, max_forward=max(chunk, d.gamma + 1),
+                                   position_shift=d.position_shift)
+            self._absorb(model, cache, chunk)
+            self.tiny[weights], self.tiny_state[weights] = cache, (cache.k.clone(), cache.v.clone(), cache.start)
 
     @torch.inference_mode()
     def _absorb(self, model, cache, chunk: int) -> None:
@@ -150,11 +182,11 @@ class SharedPrefill:
 
     def restore(self) -> None:
         self.full.length = self.n
-        if self.tiny is not None:
-            k, v, start = self.tiny_state
-            self.tiny.k.copy_(k)
-            self.tiny.v.copy_(v)
-            self.tiny.start, self.tiny.length = start, self.n
+        for weights, cache in self.tiny.items():
+            k, v, start = self.tiny_state[weights]
+            cache.k.copy_(k)
+            cache.v.copy_(v)
+            cache.start, cache.length = start, self.n
 
 
 class SharedPrefillEngine(SpeculativeEngine):
@@ -170,20 +202,26 @@ class SharedPrefillEngine(SpeculativeEngine):
             raise ValueError(f"prompt of {self.seq_len} tokens, but the shared prefill holds {self.shared.n + 1}")
         self.shared.restore()
         for tier in self.tiers[1:]:
-            if tier.cache is not self.shared.tiny and not tier.cache.adopt_prefix(self.shared.n):
+            if all(tier.cache is not c for c in self.shared.tiny.values()) and not tier.cache.adopt_prefix(self.shared.n):
                 raise ValueError(f"tier {tier.name!r} does not read the target's KV: it cannot share the prefill")
         self.prefill_seconds = time.perf_counter() - t0
 
 
-def run_pipeline(gen: Generator, shared: SharedPrefill, spec: dict, n_tiers: int) -> tuple[dict, int, float]:
-    """One generation on [target, policy] (+ tiny): per-tier stats, tokens generated, decode tokens/s."""
+def run_pipeline(gen: Generator, shared: SharedPrefill, spec: dict, n_tiers: int,
+                 views: dict[str, Transformer] | None = None) -> tuple[dict, int, float]:
+    """One generation on [target, policy] (+ tiny): per-tier stats, tokens generated, decode tokens/s.
+
+    `views` maps spec["weights"] to the middle tier's model (default: the Generator's middle tier).
+    """
     kwargs = dict(gen.cfg.study.policy_kwargs.get(spec["policy"]) or {})
     mid = make_policy(spec["policy"], shared.full, gen.model, spec["budget"], spec["chunk_size"], spec["reselect"],
                       **kwargs)
+    middle = (views or {}).get(spec.get("weights", "bf16"), gen.middle)
     tiers = [Tier("target", gen.model, shared.full, gamma=spec["gamma"]),
-             Tier("middle", gen.model, mid, gamma=spec["draft_gamma"])]
+             Tier("middle", middle, mid, gamma=spec["draft_gamma"])]
     if n_tiers == 3:
-        tiers.append(Tier("tiny", gen.draft, shared.tiny))
+        tiny_weights = spec.get("tiny_weights", gen.tiny_weights)
+        tiers.append(Tier("tiny", shared.tiny_models[tiny_weights], shared.tiny[tiny_weights]))
     engine = SharedPrefillEngine(tiers, shared, temperature=spec["temperature"], top_p=gen.cfg.top_p,
                                  prefill_chunk=gen.cfg.prefill_chunk, gpu_timing=True)
     t0 = time.perf_counter()
@@ -193,15 +231,16 @@ def run_pipeline(gen: Generator, shared: SharedPrefill, spec: dict, n_tiers: int
     return engine.stats(len(out)), len(out), len(out) / decode
 
 
-def measure(gen: Generator, shared: SharedPrefill, spec: dict, device: str) -> dict:
+def measure(gen: Generator, shared: SharedPrefill, spec: dict, device: str,
+            views: dict[str, Transformer] | None = None) -> dict:
     """The row of one run: middle-vs-target from the 2-tier pipeline, tiny-vs-middle from the 3-tier one."""
-    s2, n, tps = run_pipeline(gen, shared, spec, 2)
+    s2, n, tps = run_pipeline(gen, shared, spec, 2, views)
     row = {**spec, "top_p": gen.cfg.top_p, "generated_tokens": n,
            "accept_rate": s2["target"]["acceptance_rate"], "mean_accepted_length": s2["target"]["mean_accepted_length"],
            "tokens_per_second": tps, "tiny_accept_rate": None, "tiny_mean_accepted_length": None,
            "accept_rate_3tier": None, "tokens_per_second_3tier": None}
     if spec["tiny"]:
-        s3, _, tps3 = run_pipeline(gen, shared, spec, 3)
+        s3, _, tps3 = run_pipeline(gen, shared, spec, 3, views)
         row.update(tiny_accept_rate=s3["middle"]["acceptance_rate"],
                    tiny_mean_accepted_length=s3["middle"]["mean_accepted_length"],
                    accept_rate_3tier=s3["target"]["acceptance_rate"], tokens_per_second_3tier=tps3)
@@ -312,6 +351,12 @@ def run_study(cfg: DictConfig) -> list[dict]:
     todo = [s for s in specs if tuple(s[k] for k in KEY) not in done and s["budget"] < s["prompt_tokens"]]
     n_done = sum(tuple(s[k] for k in KEY) in done for s in specs)
     gen = Generator(cfg)
+    # quantized views of the target (middle tier) and of the tiny draft, built once for every run
+    group, head = int(cfg.get("quant_group_size", 128)), cfg.get("quant_head", "auto")
+    middle_formats, tiny_formats = weight_axes(cfg)
+    views = {w: quantized_view(gen.model, w, group, head) for w in middle_formats}
+    tiny_models = ({w: gen.draft if w == gen.tiny_weights else quantized_view(gen.draft, w, group, head)
+                    for w in tiny_formats} if isinstance(gen.draft, Transformer) else None)
     device = str(gen.device) + (f" ({torch.cuda.get_device_name(gen.device)})" if gen.device.type == "cuda" else "")
     max_gamma = max([cfg.gamma, *cfg.study.gammas])
     corpus = Path(cfg.study.corpus_dir).expanduser()
@@ -326,16 +371,16 @@ def run_study(cfg: DictConfig) -> list[dict]:
     for (doc, n), group in itertools.groupby(todo, key=lambda s: (s["document"], s["prompt_tokens"])):
         ids, synthetic = (code[doc, n], False) if code else prompt_ids(gen, corpus, doc, n, cfg.seed)
         shared = SharedPrefill(gen, ids, n + cfg.study.max_new_tokens + max_gamma + cfg.draft.gamma + 2,
-                               slack=max_gamma + cfg.draft.gamma + 8)
+                               slack=max_gamma + cfg.draft.gamma + 8, tiny_models=tiny_models)
         along: dict = {}
         for spec in group:
             row = (measure_forced(gen, shared, spec, device, along) if spec["method"] == "forced"
-                   else measure(gen, shared, spec, device))
+                   else measure(gen, shared, spec, device, views))
             row["synthetic_prompt"] = synthetic
             with out.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             rows.append(row)
-            bar.set_postfix_str(f"{doc[:12]} {n} {spec['policy']} B={spec['budget']} g={spec['gamma']} "
+            bar.set_postfix_str(f"{doc[:12]} {n} {spec['policy']} {spec['weights']} B={spec['budget']} g={spec['gamma']} "
                                 f"acc={row['accept_rate'] or 0:.2f}")
             bar.update()
         del shared
@@ -351,7 +396,8 @@ def summary_line(rows: list[dict], n_specs: int, n_done: int, seconds: float, ou
     acc: dict[str, list[float]] = {}
     for r in rows:
         if r["gamma"] == cfg.gamma and r["temperature"] == t and r["accept_rate"] is not None:
-            acc.setdefault(r["policy"], []).append(r["accept_rate"])
+            name = r["policy"] if r.get("weights", "bf16") == "bf16" else f"{r['policy']}/{r['weights']}"
+            acc.setdefault(name, []).append(r["accept_rate"])
     means = ", ".join(f"{p} {sum(v) / len(v):.3f}" for p, v in acc.items())
     return (f"study: {len(rows)} runs in {seconds / 60:.1f} min -> {out} ({n_done} already there, {skipped} skipped: "
             f"budget >= prompt); mean acceptance at gamma={cfg.gamma}, T={t}: {means or 'n/a'}")

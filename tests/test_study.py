@@ -83,8 +83,9 @@ def test_shared_prefill_matches_a_fresh_generator():
             ours = run_pipeline(gen, shared, spec, n_tiers)[0]
             key = (pipeline, spec["policy"])
             if key not in refs:
-                refs[key] = triforce.load("+model=tiny-random", f"pipeline={pipeline}",
-                                          f"cache.policy={spec['policy']}", "cache.budget=16")
+                refs[key] = triforce.load("+model=tiny-random", f"pipeline={pipeline}", f"gamma={cfg.gamma}",
+                                          f"draft.gamma={cfg.draft.gamma}", f"cache.policy={spec['policy']}",
+                                          "cache.budget=16")
             ref = refs[key].generate(ids, 16, temperature=spec["temperature"], seed=0).stats["tiers"]
             assert ours["target"]["accepted"] == ref["target"]["accepted"]
             assert ours["target"]["rounds"] == ref["target"]["rounds"]

@@ -302,7 +302,8 @@ def measure_forced(gen: Generator, shared: SharedPrefill, spec: dict, device: st
         q_tiny = None
         if spec["tiny"]:
             shared.restore()
-            q_tiny = forced_distributions(gen.draft, shared.tiny, fed, t, gen.cfg.top_p)
+            w = spec["tiny_weights"]  # bf16: the forced method scores the tiny tier's own weights
+            q_tiny = forced_distributions(shared.tiny_models[w], shared.tiny[w], fed, t, gen.cfg.top_p)
         along[t] = fed, p, q_tiny
     fed, p, q_tiny = along[t]
     shared.restore()

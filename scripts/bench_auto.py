@@ -152,17 +152,21 @@ def part1(args, out: dict) -> None:
 
 def part2(args, overrides: list[str], out: dict) -> None:
     import triforce
+    from triforce.generate import PIPELINES
 
     text = (ROOT / "data/corpus/botchan.txt").read_text()
     new = 16 if args.smoke else 128
     common = ["chat=false", f"max_new_tokens={new}", "stream=false", *overrides]
     if args.smoke and not any(o.startswith("+model=") for o in overrides):
         common.insert(0, "+model=tiny-random")
+    pinned = ["draft.gamma=4", "cache.budget=512"]  # every auto key explicit: no chooser in the fixed runs
     fixed = {"autoregressive": ["pipeline=autoregressive"],
-             "retrieval g=6 B=512": ["pipeline=retrieval", "gamma=6", "cache.budget=512"],
-             "triforce g=6/4 B=512": ["pipeline=triforce", "gamma=6", "draft.gamma=4", "cache.budget=512"]}
-    if "draft" in __import__("triforce.generate", fromlist=["PIPELINES"]).PIPELINES:  # the classic draft pipeline
-        fixed["draft g=4"] = ["pipeline=draft", "gamma=4"]
+             "retrieval g=6 B=512": ["pipeline=retrieval", "gamma=6", *pinned],
+             "retrieval g=12 B=512": ["pipeline=retrieval", "gamma=12", *pinned],
+             "triforce g=6/4 B=512": ["pipeline=triforce", "gamma=6", *pinned],
+             "triforce g=12/4 B=512": ["pipeline=triforce", "gamma=12", *pinned]}
+    if "draft" in PIPELINES:  # the classic two-tier draft-model pipeline, where this version has it
+        fixed["draft g=4"] = ["pipeline=draft", "gamma=4", *pinned]
     gens = {k: triforce.load(*common, *v) for k, v in fixed.items()}
     gens["auto"] = triforce.load(*common, "pipeline=auto", "gamma=auto", "draft.gamma=auto", "cache.budget=auto")
     all_ids = gens["autoregressive"].encode(text, chat=False)

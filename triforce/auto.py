@@ -48,7 +48,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -310,7 +310,8 @@ class Chooser:
             cache.reset()
             if not cache.adopt_prefix(n):
                 keep = getattr(cache, "sinks", 0) + getattr(cache, "window", n)
-                tier.model(engine.seq[None, max(0, n - keep):n], cache, last=0)
+                for a in range(max(0, n - keep), n, engine.prefill_chunk):
+                    tier.model(engine.seq[None, a:min(n, a + engine.prefill_chunk)], cache, last=0)
         base = cache.length
         ids = engine.seq[:engine.seq_len]
         gen = torch.Generator(device=engine.device).manual_seed(0)  # not the engine's: the run stays seeded

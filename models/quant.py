@@ -17,6 +17,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from triforce.kernels.quant_gemv import (check_group_size, dequantize_int4, dequantize_int8, int4_gemv, int8_gemv,
                                          quantize_int4, quantize_int8)
@@ -74,8 +75,15 @@ class QuantLinear(nn.Module):
         self.register_buffer("scale", scale, persistent=False)
         self.register_buffer("zero", zero, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)  # shared, not copied
+        self._cpu_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            # no dequantize kernel on CPU, and dequantizing per call costs ~6x the matmul: CPU runs
+            # (tests, studies) keep the dequantized weight; the GPU never does (there bytes matter)
+            if self._cpu_weight is None:
+                self._cpu_weight = self.dequantize()
+            return F.linear(x, self._cpu_weight, self.bias)
         if self.bits == 8:
             return int8_gemv(x, self.qweight, self.scale, self.bias)
         return int4_gemv(x, self.qweight, self.scale, self.zero, self.group_size, self.bias)

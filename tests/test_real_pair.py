@@ -7,6 +7,10 @@ deselect it with `-m real_weights` / `-m "not real_weights"`.
 
 The model pair is one load; the three pipelines are tier lists over the same weights, as
 `Generator.tiers` builds them (pipeline=draft runs through the Generator itself).
+
+Measured on a shared 2-core CPU (load average ~10, so several times an idle machine's time):
+the 0.5B config 234 s in all (load 61 s, AR + draft + triforce 172 s); the 1.5B + 0.5B pair
+about 13 min (load 157 s, AR 158 s, draft 177 s, triforce 281 s). Fetching both from PyPI: 93 s.
 """
 import os
 from pathlib import Path

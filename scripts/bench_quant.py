@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from bench_speed import LLAMA2_7B, LLAMA_68M
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel, graph_sizes
@@ -45,10 +46,6 @@ from triforce.models.llama import ModelArgs, build_model
 from triforce.models.quant import quant_weight_bytes, quantized_view, quantizes_head
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA2_7B = ModelArgs(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, intermediate_size=11008,
-                      max_position_embeddings=131072)
-LLAMA_68M = ModelArgs(vocab_size=32000, dim=768, n_layers=2, n_heads=12, n_kv_heads=12, intermediate_size=3072,
-                      max_position_embeddings=2048)
 TOY = ModelArgs(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, intermediate_size=256,
                 max_position_embeddings=4096)
 TOY_TINY = ModelArgs(vocab_size=512, dim=64, n_layers=1, n_heads=2, n_kv_heads=2, intermediate_size=128,

@@ -44,15 +44,6 @@ ALL_PIPELINES = ("autoregressive", "retrieval", "draft", "triforce")
 SMOKE = ["+model=smollm2-135m", "model.context_length=2048", "cache.budget=64", "device=cpu"]
 
 
-class DraftPipeline(Generator):
-    """[target, tiny draft] where the CLI has no `pipeline=draft` yet: the triforce pipeline's
-    tiers without the middle one (its graphs are sized for the same roles)."""
-
-    def tiers(self, capacity, prompt_len, plan=None):
-        t = super().tiers(capacity, prompt_len, plan)
-        return [t[0], t[-1]]
-
-
 class ReplayEngine(SpeculativeEngine):
     """BENCHMARK ONLY: verification at level k accepts, round by round, the counts a real run
     recorded (random weights accept nothing). The forwards still run, with their real costs."""
@@ -62,7 +53,7 @@ class ReplayEngine(SpeculativeEngine):
         self.counts = {level: list(c) for level, c in counts.items()}
         self.position = {level: 0 for level in counts}
 
-    def _injected(self, level: int, g: int) -> int:
+    def _injected(self, level: int, rate: float, g: int) -> int:
         i, c = self.position[level], self.counts[level]
         self.position[level] = i + 1
         return min(g, c[i]) if i < len(c) else 0  # past the recorded rounds: reject (never seen in practice)
@@ -74,13 +65,10 @@ def compose_cfg(overrides: list[str]):
 
 
 def load(overrides: list[str], pipeline: str) -> Generator:
-    """A Generator for `pipeline`; `draft` falls back to DraftPipeline where the CLI lacks it."""
-    if pipeline in PIPELINES:
-        gen = Generator(compose_cfg([*overrides, f"pipeline={pipeline}"]))
-    elif pipeline == "draft":
-        gen = DraftPipeline(compose_cfg([*overrides, "pipeline=triforce"]))
-    else:
+    """A Generator for `pipeline`."""
+    if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}; valid: {', '.join(ALL_PIPELINES)}")
+    gen = Generator(compose_cfg([*overrides, f"pipeline={pipeline}"]))
     gen.stop_ids = set()  # no stop at EOS: every run generates --new-tokens tokens
     return gen
 
@@ -116,9 +104,7 @@ def run_ours(args, overrides: list[str], tasks, raw: Path) -> tuple[list[dict], 
 
 def last_accepts(gen: Generator) -> dict[str, list[int]]:
     """Per verifying tier, the accepted count of each round of the generator's last run."""
-    tiers = gen._tiers  # what the last generate ran (DraftPipeline: the first and last of them)
-    verifying = tiers[:1] if isinstance(gen, DraftPipeline) else tiers[:-1]
-    return {t.name: list(t.stats.accepts) for t in verifying}
+    return {t.name: list(t.stats.accepts) for t in gen._tiers[:-1]}  # the tiers the last generate ran
 
 
 def run_hf(args, overrides: list[str], tasks, raw: Path) -> list[dict]:
@@ -164,15 +150,16 @@ def run_replay(args, recorded: dict, raw: Path) -> list[dict]:
     target = {k: v for k, v in shapes["target"].items() if k != "rope_scaling" or v}
     ctx = max(r["context"] for r in recorded["rows"] if "accepts" in r) + args.new_tokens + 64
     overrides = ["+model=tiny-random", f"model.name=replay-{recorded['settings']['model']}",
-                 f"model.context_length={ctx}", "model.draft_layers=null", "cache.budget=" + str(recorded["settings"]["budget"])]
+                 f"model.context_length={ctx}", "model.draft_layers=null", "cache.budget=" + str(recorded["settings"]["budget"]),
+                 f"gamma={args.gamma}", f"draft.gamma={args.draft_gamma}"]
     cfg_args = OmegaConf.create({"model": {"args": target, "draft_args": shapes.get("draft")}})
     rows = []
     for pipe in dict.fromkeys(r["pipeline"] for r in recorded["rows"] if "accepts" in r):
-        cfg = compose_cfg([*overrides, f"pipeline={pipe if pipe in PIPELINES else 'triforce'}"])
+        cfg = compose_cfg([*overrides, f"pipeline={pipe}"])
         OmegaConf.set_struct(cfg, False)
         cfg.model.args = cfg_args.model.args
         cfg.model.draft_args = cfg_args.model.draft_args
-        gen = (DraftPipeline if pipe == "draft" else Generator)(cfg)
+        gen = Generator(cfg)
         for rec in [r for r in recorded["rows"] if r.get("pipeline") == pipe and "accepts" in r]:
             ids = torch.randint(gen.args.vocab_size, (rec["context"],), generator=torch.Generator().manual_seed(0))
             n = rec["tokens"]
@@ -276,6 +263,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pipelines", nargs="+", default=list(ALL_PIPELINES), choices=ALL_PIPELINES)
     ap.add_argument("--hf-contexts", type=int, nargs="*", default=[32768], help="contexts of the HF peers")
     ap.add_argument("--budget", type=int, default=2048, help="retrieval budget (cache.budget)")
+    ap.add_argument("--gamma", type=int, default=6, help="tokens drafted per target verification (fixed: not auto)")
+    ap.add_argument("--draft-gamma", type=int, default=4, help="tiny-draft tokens per retrieval verification (triforce)")
     ap.add_argument("--corpus-dir", default=str(ROOT / "data/code"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: 256-token prompts, 1 task, 8 tokens, budget 64")
@@ -291,7 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
     raw = out_path.with_suffix(".raw.jsonl")
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text("")
-    overrides = [*a.overrides, f"cache.budget={a.budget}", f"max_new_tokens={a.new_tokens}", "stream=false",
+    # fixed pipelines: every setting `auto` would choose is pinned (the auto study is scripts/bench_auto.py)
+    overrides = [*a.overrides, f"cache.budget={a.budget}", f"gamma={a.gamma}", f"draft.gamma={a.draft_gamma}",
+                 f"max_new_tokens={a.new_tokens}", "stream=false",
                  "chat=false", "prefill_chunk=2048" if not a.smoke else "prefill_chunk=128"]
     import transformers
 

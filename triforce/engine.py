@@ -181,7 +181,7 @@ class SpeculativeEngine:
                 p, _ = self._distributions(level, g + 1)
                 rate = self._injected_rate(level)
                 if rate is not None:
-                    n_acc = self._injected(rate, g)
+                    n_acc = self._injected(level, rate, g)
                     nxt = sample(p[n_acc][None], self.generator)[0]
                 else:
                     n_acc, nxt = speculative_verify(draft, q, p, self.generator)
@@ -227,7 +227,9 @@ class SpeculativeEngine:
             return None
         return inj.get(level, inj.get((self.tiers[level].name, self.tiers[level + 1].name)))
 
-    def _injected(self, rate: float, g: int) -> int:
+    def _injected(self, level: int, rate: float, g: int) -> int:
+        """Accepted drafts of a round of tier `level` at an injected per-token rate (a benchmark
+        may replay recorded counts per level instead)."""
         ok = torch.rand(g, generator=self.generator, device=self.device) < rate
         return int(ok.cumprod(0).sum())
 

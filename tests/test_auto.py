@@ -74,7 +74,7 @@ def test_greedy_auto_equals_autoregressive_tiny(cost_dir, monkeypatch):
     ar = triforce.load("+model=tiny-random", "pipeline=autoregressive", "temperature=0")
     want = ar.generate(PROSE[:600], max_new_tokens=48).token_ids
     monkeypatch.setattr(auto.Chooser, "ms", fake_costs())
-    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role: None)
+    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
     gen = triforce.load(*TINY, "temperature=0")
     r = gen.generate(PROSE[:600], max_new_tokens=48)
     assert r.token_ids == want
@@ -101,7 +101,7 @@ def test_stops_speculating_when_acceptance_makes_it_lose(monkeypatch):
     t_target, t_tiny = Tier("target", target, full), Tier("tiny", tiny, StreamingCache(tiny, 2, 8, slack=48, max_forward=64))
     settings = auto.AutoSettings(("autoregressive", "draft"), (1, 2, 4), (1,), (256,))
     monkeypatch.setattr(auto.Chooser, "ms", fake_costs(target=10.0, draft=4.0, per_token=0.0))
-    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role: None)
+    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
     chooser = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
     eng = SpeculativeEngine([t_target, t_tiny], 1.0, 1.0, prefill_chunk=64, chooser=chooser)
     prompt = torch.randint(0, 12, (48,), generator=torch.Generator().manual_seed(0))
@@ -140,7 +140,7 @@ def test_cpu_falls_back_to_autoregressive_on_smollm2(smollm2_gens, cost_dir):
 def test_greedy_auto_equals_autoregressive_smollm2(smollm2_gens, cost_dir, monkeypatch):
     ar, gen = smollm2_gens
     monkeypatch.setattr(auto.Chooser, "ms", fake_costs(target=10.0, middle=3.0, draft=1.0))
-    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role: None)
+    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
     ids = botchan_ids(ar, 700)
     r = gen.generate(ids, max_new_tokens=32)
     assert r.token_ids == ar.generate(ids, max_new_tokens=32).token_ids

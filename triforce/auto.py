@@ -297,10 +297,10 @@ class Chooser:
             return {1} | (measured_sizes(self.settings.draft_gammas) if "triforce" in self.pipelines() else set())
         return {1, 2}
 
-    def _measure(self, engine, tier, role: str) -> None:
+    def _measure(self, engine, tier, role: str, sizes: set[int] | None = None) -> None:
         key = self.keys[id(tier)]
         have = self.costs.get(key)
-        missing = sorted(self._sizes(role) - set(have))
+        missing = sorted((self._sizes(role) if sizes is None else sizes) - set(have))
         if not missing:
             return
         t0 = time.perf_counter()
@@ -326,7 +326,7 @@ class Chooser:
         for t in missing:
             tokens = ids[-t:] if ids.numel() >= t else ids.repeat(t // ids.numel() + 1)[:t]
             times = []
-            for _ in range(3):  # the first is a warm-up (and the graph capture on GPU)
+            for _ in range(3 if engine.device.type == "cuda" else 2):  # the first is a warm-up (the graph capture on GPU)
                 cache.truncate(base)
                 sync()
                 s0 = time.perf_counter()
@@ -386,6 +386,10 @@ class Chooser:
     def start(self, engine) -> None:
         """After the target's prefill: measure what the cost table lacks, pick budget and config."""
         roles = {r for p in self.pipelines() for r in ROLES[p]}
+        if "autoregressive" in self.pipelines() and roles != {"target"} and not self._may_pay(engine, roles):
+            config = Config("autoregressive")
+            self._switch(engine, config, 1.0 / self.ms("target", 1))
+            return
         self._measure(engine, self.target, "target")
         if "draft" in roles:
             self._measure(engine, self.draft, "draft")
@@ -398,6 +402,29 @@ class Chooser:
         config, rate = self.best()
         self.why = self._why(config, rate, 1.0 / self.ms("target", 1))
         self._switch(engine, config, rate)
+
+    def _may_pay(self, engine, roles: set[str]) -> bool:
+        """Whether any speculation could beat autoregressive, from single-token steps alone: even
+        with verification as cheap as one AR step and every pair at the highest prior acceptance,
+        a round of g drafts costs at least g cheapest draft steps. False (on a CPU, where every
+        tier pays the same weight reads) skips the rest of the measurement."""
+        self._measure(engine, self.target, "target", {1})
+        cheapest = []
+        if "draft" in roles:
+            self._measure(engine, self.draft, "draft", {1})
+            cheapest.append(self.ms("draft", 1))
+        if "middle" in roles:
+            for self.budget in self.middles:
+                self._measure(engine, self.middles[self.budget], "middle", {1})
+                cheapest.append(self.ms("middle", 1))
+        c1, d1 = self.ms("target", 1), min(cheapest)
+        a = max([PRIOR_ACCEPTANCE] + [budget_prior(b) for b in self.middles])
+        bound = max(expected_tokens(a, g) / (c1 + g * d1) for g in self.settings.gammas)
+        if bound <= 1.0 / c1:
+            self.why = (f"best speculative bound (verification free, acceptance {a:.2f}, draft step {d1:.1f} ms) "
+                        f"{1e3 * bound:.1f} tok/s < autoregressive {1e3 / c1:.1f} tok/s")
+            return False
+        return True
 
     def _why(self, config: Config, rate: float, ar: float) -> str:
         if config.pipeline == "autoregressive":

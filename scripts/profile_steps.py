@@ -188,7 +188,7 @@ def profile_round(label: str, target, tiny, ctx: int, gammas: tuple[int, int], o
             t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
     eng = SpeculativeEngine(tiers, 0.6, 0.9, injected_acceptance={0: 0.9, 1: 0.8})
     prefill_s = [0.0]
-    eng._prefill = random_prompt_prefill(eng, ctx, prefill_s)
+    eng._prefill, eng.prefill_seconds = random_prompt_prefill(tiers, ctx, prefill_s), 0.0
     prompt = torch.randint(0, target.args.vocab_size, (ctx,))
     eng.generate(prompt, tokens, seed=0)  # captures every graph the timed runs use
 

@@ -32,11 +32,13 @@ TINY = ["+model=tiny-random", "temperature=0", "max_new_tokens=24", "stream=fals
 PROMPT = "The lighthouse keeper climbed the stairs at dusk. " * 3  # 150 byte tokens > budget 32
 # a separate (replicated) tiny draft instead of the default layer-subset self-draft
 REPLICATED_DRAFT = "+model.draft_args={vocab_size:64,dim:32,n_layers:1,n_heads:2,n_kv_heads:1,intermediate_size:64}"
+# fixed pipelines and gammas: under tp `auto` means fixed defaults, while one process would adapt
+FIXED = ["pipeline=triforce", "gamma=6", "draft.gamma=4"]
 VARIANTS = {
-    "triforce": [],
-    "replicated_draft": [REPLICATED_DRAFT],
-    "offloaded": ["offload=true"],
-    "sampled": ["temperature=0.6"],
+    "triforce": FIXED,
+    "replicated_draft": [*FIXED, REPLICATED_DRAFT],
+    "offloaded": [*FIXED, "offload=true"],
+    "sampled": [*FIXED, "temperature=0.6"],
     "autoregressive": ["pipeline=autoregressive"],
 }
 MODELS = {  # GQA with q/k/v biases; tied embeddings

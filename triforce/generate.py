@@ -242,7 +242,7 @@ class Generator:
         if "int4" in (middle, tiny):
             check_group_size(int(cfg.get("quant_group_size", 128)))
         quantizes_head(cfg.get("quant_head", "auto"), middle)  # true, false or auto
-        if tiny != "bf16" and cfg.model.get("draft_path") == "lookup" and cfg.pipeline == "triforce":
+        if tiny != "bf16" and cfg.model.get("draft_path") == "lookup" and cfg.pipeline in ("triforce", "draft", "auto"):
             raise ValueError(f"draft.weights={tiny}: the prompt-lookup draft (model.draft_path=lookup) has no weights "
                              f"to quantize; use draft.weights=bf16 or a model draft")
         return middle, tiny

@@ -30,13 +30,12 @@ import csv
 import gc
 import json
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from bench_speed import LLAMA2_7B, LLAMA_68M
+from bench_speed import LLAMA2_7B, LLAMA_68M, cuda_time
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel, graph_sizes
@@ -60,22 +59,7 @@ def emit(row: dict) -> dict:
 
 def timed(fn, device: torch.device, repeats: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of fn(): CUDA events on the GPU, the wall clock on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return cuda_time(fn, repeats, warmup, device)
 
 
 def copy_bandwidth(device: torch.device) -> float:

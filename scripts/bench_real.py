@@ -37,10 +37,11 @@ from omegaconf import OmegaConf
 from bench_speed import hf_ms_per_token, timed_generation
 from triforce.corpus import code_tasks
 from triforce.engine import SpeculativeEngine
-from triforce.generate import PIPELINES, Generator
+from triforce.generate import PIPELINES, Generator, model_file
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_PIPELINES = ("autoregressive", "retrieval", "draft", "triforce")
+ALL_PIPELINES = ("autoregressive", "retrieval", "draft", "triforce", "auto")
+PINNED = ("cache.budget=", "gamma=", "draft.gamma=")  # what `auto` chooses itself
 SMOKE = ["+model=smollm2-135m", "model.context_length=2048", "cache.budget=64", "device=cpu"]
 
 
@@ -68,6 +69,9 @@ def load(overrides: list[str], pipeline: str) -> Generator:
     """A Generator for `pipeline`."""
     if pipeline not in PIPELINES:
         raise ValueError(f"unknown pipeline {pipeline!r}; valid: {', '.join(ALL_PIPELINES)}")
+    if pipeline == "auto":  # the adaptive chooser picks tiers, gammas and budget itself
+        overrides = [o for o in overrides if not o.startswith(PINNED)] + ["cache.budget=auto", "gamma=auto",
+                                                                          "draft.gamma=auto"]
     gen = Generator(compose_cfg([*overrides, f"pipeline={pipeline}"]))
     gen.stop_ids = set()  # no stop at EOS: every run generates --new-tokens tokens
     return gen
@@ -94,6 +98,8 @@ def run_ours(args, overrides: list[str], tasks, raw: Path) -> tuple[list[dict], 
                        "temperature": temp, **timing, "tokens_per_second": 1e3 / timing["ms_per_token"],
                        "mean_accepted_length": timing["tiers"]["target"]["mean_accepted_length"],
                        "token_ids": r.token_ids, "accepts": last_accepts(gen)}
+                if "auto" in r.stats:  # what the chooser ran, and why
+                    row["auto"] = r.stats["auto"]
                 rows.append(row)
                 emit({k: v for k, v in row.items() if k not in ("token_ids", "accepts")}, raw)
         del gen
@@ -109,10 +115,6 @@ def last_accepts(gen: Generator) -> dict[str, list[int]]:
 
 def run_hf(args, overrides: list[str], tasks, raw: Path) -> list[dict]:
     """transformers generate on the same weights: static cache, assisted by the tiny draft, prompt lookup."""
-    from transformers import AutoModelForCausalLM
-
-    from triforce.models.llama import embedded_gguf, resolve_checkpoint
-
     cfg = compose_cfg(overrides)
     m = cfg.get("model")
     if m is None or m.random_weights or not m.path:
@@ -120,11 +122,10 @@ def run_hf(args, overrides: list[str], tasks, raw: Path) -> list[dict]:
         return []
     device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    path = resolve_checkpoint(embedded_gguf() if m.path == "embedded" else m.path)
-    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    hf = hf_model(model_file(m.name, m.path, m.get("fetch"), "model.fetch"), dtype, device)
     assistant = None
     if m.draft_path not in (None, "self", "lookup"):
-        assistant = AutoModelForCausalLM.from_pretrained(str(resolve_checkpoint(m.draft_path)), dtype=dtype).to(device).eval()
+        assistant = hf_model(model_file(m.name, m.draft_path, m.get("draft_fetch"), "model.draft_fetch"), dtype, device)
     peers = [("hf/static", 0.0, {"cache_implementation": "static", "disable_compile": True, "do_sample": False}),
              ("hf/prompt_lookup", 0.0, {"prompt_lookup_num_tokens": 10, "do_sample": False})]
     if assistant is not None:
@@ -144,6 +145,18 @@ def run_hf(args, overrides: list[str], tasks, raw: Path) -> list[dict]:
     return rows
 
 
+def hf_model(path, dtype: torch.dtype, device: str):
+    """transformers' own model of a checkpoint: a GGUF is dequantized by transformers itself (from its
+    directory in our conversion cache), so the peer runs the same weights as triforce."""
+    from transformers import AutoModelForCausalLM
+
+    from triforce.models.llama import GGUF_LINK, resolve_checkpoint
+
+    hf_dir = resolve_checkpoint(path)
+    gguf = {"gguf_file": GGUF_LINK} if (hf_dir / GGUF_LINK).exists() else {}
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, **gguf).to(device).eval()
+
+
 def run_replay(args, recorded: dict, raw: Path) -> list[dict]:
     """Random weights of the recorded shapes; each recorded run replayed with its accept counts."""
     shapes = recorded["model_shapes"]
@@ -154,7 +167,7 @@ def run_replay(args, recorded: dict, raw: Path) -> list[dict]:
                  f"gamma={args.gamma}", f"draft.gamma={args.draft_gamma}"]
     cfg_args = OmegaConf.create({"model": {"args": target, "draft_args": shapes.get("draft")}})
     rows = []
-    for pipe in dict.fromkeys(r["pipeline"] for r in recorded["rows"] if "accepts" in r):
+    for pipe in dict.fromkeys(r["pipeline"] for r in recorded["rows"] if "accepts" in r and r["pipeline"] != "auto"):
         cfg = compose_cfg([*overrides, f"pipeline={pipe}"])
         OmegaConf.set_struct(cfg, False)
         cfg.model.args = cfg_args.model.args
@@ -204,7 +217,7 @@ def summarize(rows: list[dict], longest: int) -> dict:
     for t in temps:
         docs = sorted({r["document"] for r in ours if r["context"] == longest and r["temperature"] == t})
         speed = {}
-        for pipe in dict.fromkeys(r["pipeline"] for r in ours if r["pipeline"] != "autoregressive"):
+        for pipe in dict.fromkeys(r["pipeline"] for r in ours if r["pipeline"] not in ("autoregressive", "auto")):
             ratios = [ms("autoregressive", t, d) / ms(pipe, t, d) for d in docs if ms(pipe, t, d) and ms("autoregressive", t, d)]
             if ratios:
                 speed[pipe] = statistics.mean(ratios)
@@ -230,6 +243,19 @@ def summarize(rows: list[dict], longest: int) -> dict:
                 s["per_tier_acceptance"].setdefault(pipe, {})[key] = acc
                 s["mean_accepted_length"].setdefault(pipe, {})[key] = statistics.mean(
                     r["mean_accepted_length"] for r in sub)
+    # the adaptive chooser against the best fixed pipeline and autoregressive, per context and temperature
+    s["auto_vs_best_fixed"], s["auto_vs_ar"] = {}, {}
+    for ctx in sorted({r["context"] for r in ours if r["pipeline"] == "auto"}):
+        for t in temps:
+            sub = [r for r in ours if r["context"] == ctx and r["temperature"] == t]
+            mean_ms = {p: statistics.mean(r["ms_per_token"] for r in sub if r["pipeline"] == p)
+                       for p in dict.fromkeys(r["pipeline"] for r in sub)}
+            if "auto" not in mean_ms:
+                continue
+            fixed = {p: v for p, v in mean_ms.items() if p != "auto"}
+            key = f"{ctx}/{t}"
+            s["auto_vs_best_fixed"][key] = min(fixed.values()) / mean_ms["auto"] if fixed else None
+            s["auto_vs_ar"][key] = mean_ms["autoregressive"] / mean_ms["auto"] if "autoregressive" in mean_ms else None
     for r in ours:
         if r["temperature"] == 0 and "greedy_equal_to_autoregressive" in r and r["pipeline"] != "autoregressive":
             flags = s["greedy_equal_to_autoregressive"]

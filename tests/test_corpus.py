@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from triforce.corpus import code_tasks, functions
-from triforce.generate import ByteTokenizer
+from triforce.generator import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ROOT / "data" / "code"

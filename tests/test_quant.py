@@ -98,7 +98,7 @@ def test_engine_refuses_a_quantized_target(model):
     (["+model=smollm2-135m", "model.draft_path=lookup", "draft.weights=int4"], "has no weights"),
 ])
 def test_generator_rejects_bad_weight_settings_before_loading(overrides, match, monkeypatch):
-    import triforce.generate as gen_mod
+    import triforce.generator as gen_mod
 
     def no_loading(*a, **k):
         raise AssertionError("weights were loaded before the settings were checked")

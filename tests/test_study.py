@@ -72,7 +72,7 @@ def test_shared_prefill_matches_a_fresh_generator():
     cfg = compose_study(["+model=tiny-random", "study.corpus_dir=/nonexistent", "study.documents=[a]",
                          "study.prompt_tokens=[150]", "study.policies=[retrieval,own]", "study.budgets=[16]",
                          "study.gammas=[]", "study.max_new_tokens=16", "study.temperatures=[0.6,0]"])
-    gen = triforce.generate.Generator(cfg)
+    gen = triforce.generator.Generator(cfg)
     ids = torch.randint(64, (150,), generator=torch.Generator().manual_seed(3)).tolist()
     shared = SharedPrefill(gen, ids, 150 + 16 + 20, slack=30)
     refs = {}
@@ -152,7 +152,7 @@ def test_forced_acceptance_is_one_exactly_when_the_drafter_is_the_verifier(tmp_p
     write_code_corpus(tmp_path / "code")
     with initialize_config_module(config_module="triforce.conf", version_base=None):
         cfg = compose(config_name="study_qwen", overrides=forced_overrides(tmp_path))
-    gen = triforce.generate.Generator(cfg)
+    gen = triforce.generator.Generator(cfg)
     ids = torch.randint(64, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     shared = SharedPrefill(gen, ids, 300 + 40, slack=30)
     for t in (0.0, 0.6):

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from triforce.cache import FullCache, StreamingCache
 from triforce.corpus import code_task_ids, code_tasks
 from triforce.engine import SpeculativeEngine, Tier
-from triforce.generate import Generator, default_model_config
+from triforce.generator import Generator, default_model_config
 from triforce.models.llama import Transformer
 from triforce.models.quant import check_weights, quantized_view
 from triforce.policies import POLICIES, make_policy

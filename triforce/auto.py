@@ -22,6 +22,14 @@ tier and the self-draft on prose, 0.62-0.97), so speculation starts only where i
 ordinary acceptance; for the retrieval tier it rises with the budget (0.65 at 256 to 0.95 at
 4096, fitted to the README's acceptance table and TriForce's ~0.9 at 4K), which is what picks
 `cache.budget=auto`. Ten pseudo-tokens are about two rounds, so observations dominate quickly.
+A Generator remembers each pair's last estimate and uses it as the next call's prior (same weight),
+so repeated calls start where the last one ended instead of re-learning from 0.7.
+
+Prefill. A tier the chooser expects to use (a configuration with the draft is predicted to beat
+autoregressive at the start) is prefilled before decoding, like a fixed pipeline's tiers, and
+counted as prefill: brought up at its first switch-in instead, its whole prompt prefill (0.4-0.7 s
+for the 0.5B at 32K on an H200) would land inside the decode and cost more than speculation saves
+over a few hundred tokens.
 
 Choice. A round of tier k verifying gamma_k tokens yields (1 - a^(g+1)) / (1 - a) tokens in
 expectation; its cost is the verification step plus producing gamma_k tokens below (recursively:
@@ -248,8 +256,10 @@ class Chooser:
     """
 
     def __init__(self, settings: AutoSettings, target, middles: dict, draft, ident: str,
-                 costs: CostModel | None = None, prompt_len: int = 0, new_tokens: int = 0):
+                 costs: CostModel | None = None, prompt_len: int = 0, new_tokens: int = 0,
+                 priors: dict | None = None):
         self.settings, self.target, self.middles, self.draft = settings, target, dict(middles), draft
+        self.priors = priors if priors is not None else {}  # pair -> last call's estimate (the Generator's memory)
         self.costs = costs if costs is not None else CostModel()
         self.prompt_len, self.new_tokens = prompt_len, new_tokens
         self.tiers = [target, *self.middles.values()] + ([draft] if draft is not None else [])
@@ -348,8 +358,16 @@ class Chooser:
     def pair(self, upper: str, lower: str) -> Pair:
         key = (upper, lower) if lower != "middle" else (upper, f"middle{self.budget}")
         if key not in self.pairs:
-            self.pairs[key] = Pair(budget_prior(self.budget) if lower == "middle" else PRIOR_ACCEPTANCE)
+            default = budget_prior(self.budget) if lower == "middle" else PRIOR_ACCEPTANCE
+            self.pairs[key] = Pair(self.priors.get(key, default))
         return self.pairs[key]
+
+    def remember(self) -> None:
+        """Keep each observed pair's estimate as the prior of the next call (same PRIOR_WEIGHT, so a
+        different text re-learns within a few rounds)."""
+        for key, p in self.pairs.items():
+            if p.accepted + p.rejections:
+                self.priors[key] = p.estimate
 
     def rate(self, config: Config) -> float:
         """Expected target tokens per ms of `config`."""
@@ -401,6 +419,10 @@ class Chooser:
             self.budget = max(score, key=score.get)
         config, rate = self.best()
         self.why = self._why(config, rate, 1.0 / self.ms("target", 1))
+        ar = 1.0 / self.ms("target", 1)
+        if "draft" in roles and any(r > ar for c, r in ((c, self.rate(c)) for c in self.candidates())
+                                    if "draft" in ROLES[c.pipeline]):
+            engine.bring_up_now(self.draft)  # the draft will likely run: prefill it now, as a fixed pipeline does
         self._switch(engine, config, rate)
 
     def _may_pay(self, engine, roles: set[str]) -> bool:
@@ -516,7 +538,7 @@ class Chooser:
             "sequence": [[s.config, s.tokens] for s in self.segments],
             "step_costs_ms": costs, "cost_table": str(self.costs.path),
             "measured_now": self.measured, "measure_seconds": self.measure_seconds,
-            "catch_up_seconds": engine.catch_up_seconds,
+            "catch_up_seconds": engine.catch_up_seconds, "catch_up_tokens": engine.catch_up_tokens,
             "acceptance": {f"{u}<{d}": {"proposed": p.proposed, "accepted": p.accepted, "rejections": p.rejections,
                                         "prior": round(p.prior, 3),
                                         "estimate": round(p.estimate, 4)} for (u, d), p in self.pairs.items()},
@@ -553,4 +575,4 @@ def make_chooser(gen, tiers: list, prompt_len: int, new_tokens: int, costs: Cost
             if explicit or mid.cache.budget < prompt_len:
                 middles = {mid.cache.budget: mid}
     ident = f"{device_name(gen.device)}|{str(gen.dtype).removeprefix('torch.')}|{gen.cfg.model.name}"
-    return Chooser(s, target, middles, draft, ident, costs, prompt_len, new_tokens)
+    return Chooser(s, target, middles, draft, ident, costs, prompt_len, new_tokens, gen.auto_priors)

@@ -107,7 +107,7 @@ class SpeculativeEngine:
         # adaptive speculation: consulted before each target round (triforce.auto.Chooser); it
         # knows every tier it may switch in, the engine only the ones in use
         self.chooser = chooser
-        self.catch_up_seconds = 0.0
+        self.catch_up_seconds, self.catch_up_tokens = 0.0, 0
 
     # -------------------------------------------------------------------------------- one forward
     def _distributions(self, level: int, n_rows: int, draw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -255,7 +255,7 @@ class SpeculativeEngine:
             t.stats = TierStats()
         if chooser is not None:
             self.tiers = self.tiers[:1]  # the target alone until the chooser has decided
-        self.catch_up_seconds = 0.0
+        self.catch_up_seconds, self.catch_up_tokens = 0.0, 0
         out: list[int] = []
         token_progress = progress if token_progress is None else token_progress
         bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not token_progress, leave=False)
@@ -289,17 +289,29 @@ class SpeculativeEngine:
             torch.cuda.synchronize()
         self.prefill_seconds = time.perf_counter() - t0
 
-    def _bring_up(self, tier: Tier, progress: bool = False) -> None:
+    def _bring_up(self, tier: Tier, progress: bool = False) -> int:
         """Feed `tier` every token before the last one that its cache lacks (the prefill, or the
         catch-up of a tier switched in mid-run). A cache reading the target's KV adopts it once;
         afterwards it reads the target's store for whatever it missed, so feeding it is cheap."""
         n = self.seq_len - 1
         if tier is not self.tiers[0] and tier.cache.length == 0 and tier.cache.adopt_prefix(n):
-            return
+            return 0
+        fed = max(0, n - tier.cache.length)
         chunks = range(tier.cache.length, n, self.prefill_chunk)
         for start in tqdm(chunks, desc=f"prefill {tier.name}", disable=not progress or len(chunks) < 8, leave=False):
             end = min(n, start + self.prefill_chunk)
             tier.model(self.seq[None, start:end], tier.cache, last=0)
+        return fed
+
+    def bring_up_now(self, tier: Tier) -> None:
+        """Prefill `tier` before decoding starts (its time counts as prefill, as for a fixed pipeline's
+        tiers), when the chooser expects to switch it in: a tier brought up mid-run instead delays
+        the tokens after the switch by its whole prompt prefill."""
+        t0 = time.perf_counter()
+        self._bring_up(tier)
+        if self.sync_timing or self.gpu_timing:
+            torch.cuda.synchronize()
+        self.prefill_seconds += time.perf_counter() - t0
 
     def use(self, tiers: list[Tier], gammas: list[int]) -> None:
         """Run the next rounds with `tiers` (target first) verifying `gammas` tokens each.
@@ -313,7 +325,7 @@ class SpeculativeEngine:
         t0 = time.perf_counter()
         for tier in tiers[1:]:
             if not any(tier is t for t in self.tiers):
-                self._bring_up(tier)
+                self.catch_up_tokens += self._bring_up(tier)
         for tier, g in zip(tiers, gammas):
             tier.gamma = g
         self.tiers = list(tiers)

@@ -68,8 +68,9 @@ def test_study_cli_rows_resume_and_aggregation(tmp_path, capsys):
 
 
 def test_shared_prefill_matches_a_fresh_generator():
-    """Restoring the shared prefill gives exactly what Generator.generate (own prefill) gives."""
-    cfg = compose_study(["+model=tiny-random", "study.corpus_dir=/nonexistent", "study.documents=[a]",
+    """Restoring the shared prefill gives exactly what Generator.generate (own prefill) gives (fp32 on the CPU:
+    on a GPU, bf16 rounding differs between the two prefills)."""
+    cfg = compose_study(["+model=tiny-random", "device=cpu", "study.corpus_dir=/nonexistent", "study.documents=[a]",
                          "study.prompt_tokens=[150]", "study.policies=[retrieval,own]", "study.budgets=[16]",
                          "study.gammas=[]", "study.max_new_tokens=16", "study.temperatures=[0.6,0]"])
     gen = triforce.generator.Generator(cfg)
@@ -83,7 +84,7 @@ def test_shared_prefill_matches_a_fresh_generator():
             ours = run_pipeline(gen, shared, spec, n_tiers)[0]
             key = (pipeline, spec["policy"])
             if key not in refs:
-                refs[key] = triforce.load("+model=tiny-random", f"pipeline={pipeline}", f"gamma={cfg.gamma}",
+                refs[key] = triforce.load("+model=tiny-random", "device=cpu", f"pipeline={pipeline}", f"gamma={cfg.gamma}",
                                           f"draft.gamma={cfg.draft.gamma}", f"cache.policy={spec['policy']}",
                                           "cache.budget=16")
             ref = refs[key].generate(ids, 16, temperature=spec["temperature"], seed=0).stats["tiers"]
@@ -151,7 +152,7 @@ def test_forced_acceptance_is_one_exactly_when_the_drafter_is_the_verifier(tmp_p
     The one-layer tiny draft (tiny-random's draft_layers=[0], a 16-token window) differs: alpha < 1."""
     write_code_corpus(tmp_path / "code")
     with initialize_config_module(config_module="triforce.conf", version_base=None):
-        cfg = compose(config_name="study_qwen", overrides=forced_overrides(tmp_path))
+        cfg = compose(config_name="study_qwen", overrides=[*forced_overrides(tmp_path), "device=cpu"])  # exact: fp32
     gen = triforce.generator.Generator(cfg)
     ids = torch.randint(64, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     shared = SharedPrefill(gen, ids, 300 + 40, slack=30)

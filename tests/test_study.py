@@ -156,10 +156,10 @@ def test_forced_acceptance_is_one_exactly_when_the_drafter_is_the_verifier(tmp_p
     gen = triforce.generator.Generator(cfg)
     ids = torch.randint(64, (300,), generator=torch.Generator().manual_seed(0)).tolist()
     shared = SharedPrefill(gen, ids, 300 + 40, slack=30)
-    for t in (0.0, 0.6):
-        spec = {**run_specs(cfg)[0], "temperature": t, "budget": 512}
+    for t, policy in ((0.0, "retrieval"), (0.6, "retrieval"), (0.6, "own")):  # own re-reads its observation window
+        spec = {**run_specs(cfg)[0], "temperature": t, "budget": 512, "policy": policy}
         row = measure_forced(gen, shared, spec, "cpu", {})
-        assert row["accept_rate"] == pytest.approx(1, abs=1e-5)
+        assert row["accept_rate"] == pytest.approx(1, abs=1e-5), policy
         assert row["tiny_target_accept_rate"] < 0.99
         assert row["tiny_accept_rate"] == pytest.approx(row["tiny_target_accept_rate"], abs=1e-5)
 

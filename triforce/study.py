@@ -312,6 +312,8 @@ def measure_forced(gen: Generator, shared: SharedPrefill, spec: dict, device: st
                       **kwargs)
     mid.adopt_prefix(shared.n)
     t0 = time.perf_counter()
+    if mid.length < shared.n:  # a policy that leaves the prompt's last tokens to be re-read (own's observation window)
+        gen.model(shared.ids[None, mid.length:shared.n].to(gen.device), mid, last=0)
     p_mid = forced_distributions(gen.model, mid, fed, t, gen.cfg.top_p)
     a_mid = alpha(p, p_mid)
     row = {**spec, "top_p": gen.cfg.top_p, "generated_tokens": m, "accept_rate": a_mid,

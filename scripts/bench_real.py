@@ -256,10 +256,17 @@ def summarize(rows: list[dict], longest: int) -> dict:
             key = f"{ctx}/{t}"
             s["auto_vs_best_fixed"][key] = min(fixed.values()) / mean_ms["auto"] if fixed else None
             s["auto_vs_ar"][key] = mean_ms["autoregressive"] / mean_ms["auto"] if "autoregressive" in mean_ms else None
+    s["greedy_equal_runs"] = {}  # per pipeline: runs equal to AR, runs, and where the others first differ
     for r in ours:
         if r["temperature"] == 0 and "greedy_equal_to_autoregressive" in r and r["pipeline"] != "autoregressive":
             flags = s["greedy_equal_to_autoregressive"]
             flags[r["pipeline"]] = flags.get(r["pipeline"], True) and r["greedy_equal_to_autoregressive"]
+            c = s["greedy_equal_runs"].setdefault(r["pipeline"], {"equal": 0, "runs": 0, "first_difference_at": []})
+            c["runs"] += 1
+            if r["greedy_equal_to_autoregressive"]:
+                c["equal"] += 1
+            elif "first_difference_at" in r:
+                c["first_difference_at"].append(r["first_difference_at"])
     return s
 
 
@@ -344,6 +351,9 @@ def main(argv: list[str] | None = None) -> dict:
                 ar = next(x for x in rows if x["pipeline"] == "autoregressive" and x["context"] == r["context"]
                           and x["document"] == r["document"] and x["temperature"] == 0)
                 r["greedy_equal_to_autoregressive"] = r["token_ids"] == ar["token_ids"]
+                if not r["greedy_equal_to_autoregressive"]:  # in bf16 a near-tie can flip between a verify and an AR step
+                    r["first_difference_at"] = next((i for i, (x, y) in enumerate(zip(r["token_ids"], ar["token_ids"]))
+                                                     if x != y), min(len(r["token_ids"]), len(ar["token_ids"])))
         rows += run_hf(a, overrides, tasks, raw) if a.hf_contexts else []
     out["wall_seconds"] = time.perf_counter() - t0
     out["rows"] = rows

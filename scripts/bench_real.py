@@ -341,7 +341,14 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = compose_cfg(overrides)
         out["settings"]["model"] = (cfg.get("model") or {}).get("name", "smollm2-135m")
         gen0 = load(overrides, "autoregressive")
-        tasks = code_tasks(gen0.tokenizer, a.contexts, a.docs, a.corpus_dir)
+        room = a.new_tokens + 128  # the new tokens and a round's drafts must fit the model's context
+        lengths = [min(c, gen0.context_length - room) for c in a.contexts]
+        if lengths != a.contexts:
+            print(f"prompt lengths {a.contexts} -> {lengths}: {room} tokens of the {gen0.context_length}-token "
+                  f"context are left for generation", file=sys.stderr)
+        a.contexts = lengths
+        out["settings"]["contexts"] = lengths
+        tasks = code_tasks(gen0.tokenizer, lengths, a.docs, a.corpus_dir)
         out["settings"]["documents"] = sorted({t.id for t in tasks})
         del gen0
         rows, shapes = run_ours(a, overrides, tasks, raw)

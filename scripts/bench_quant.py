@@ -14,14 +14,15 @@ Llama-2-7B-128K shape, random bf16 weights, KV filled with random values, CUDA g
    120K context (target KV offloaded), does an int4 middle-tier copy beat the KV layers it displaces?
 
     python scripts/bench_quant.py [--drop 0.05] [--acceptance-csv results/acceptance_quant.csv]
-                                  [--real-ar AR.json --real-q4 Q4.json]   # output_json of two generate runs
+                                  [--real results/real_q4_h200.json]      # bench_real.py with int4 tiers
     python scripts/bench_quant.py --smoke      # CPU, toy shapes: checks every part runs (numbers mean nothing)
 
 Writes results/quant_<gpu>.json (JSON lines of every measurement on stdout as it goes) with a
 `summary`: q4_middle_step_over_bf16, e2e_speedup_q4_7b_128k (and the bf16 middle tier's
 e2e_speedup_bf16_7b_128k beside it), plus q4_middle_acceptance_drop (from --acceptance-csv: the
-study's bf16 - int4 acceptance, matched run for run) and real_q4_speedup_vs_ar_32k (from --real-ar /
---real-q4: tokens/s of a real-weights int4 triforce run over its AR run), null when not given.
+study's bf16 - int4 acceptance, matched run for run) and real_q4_speedup_vs_ar_32k (from --real: a
+bench_real.py run of the real pair with int4 tiers, its fastest int4 pipeline over its own AR, side
+by side), null when not given. `--summarize-only results/quant_h200.json` recomputes the summary.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import csv
 import gc
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -266,11 +268,12 @@ def offload_trade(step_ratio: float | None, offload_json: Path, ctx: int = 12288
 
 # ----------------------------------------------------------------------------------- summary
 
-def acceptance_drop(path: Path | None) -> float | None:
-    """Mean bf16 - int4 middle-tier acceptance over study runs matched on every other setting."""
+def acceptance_drop(path: Path | None, model: str | None = None) -> float | None:
+    """Mean bf16 - int4 middle-tier acceptance over study runs matched on every other setting
+    (of one `model` when given: a small model loses far more to int4 than a large one)."""
     if path is None or not path.is_file():
         return None
-    rows = list(csv.DictReader(path.open()))
+    rows = [r for r in csv.DictReader(path.open()) if model is None or r["model"] == model]
     key = ("model", "document", "prompt_tokens", "temperature", "policy", "budget", "gamma", "seed")
     by = {}
     for r in rows:
@@ -280,12 +283,32 @@ def acceptance_drop(path: Path | None) -> float | None:
     return sum(drops) / len(drops) if drops else None
 
 
-def real_speedup(ar: Path | None, q4: Path | None) -> float | None:
-    """tokens/s of the int4 run over the AR run (`output_json` files of `python -m triforce.generate`)."""
-    if not ar or not q4 or not ar.is_file() or not q4.is_file():
+def acceptance_drop_per_model(path: Path | None) -> dict:
+    if path is None or not path.is_file():
+        return {}
+    return {m: acceptance_drop(path, m) for m in sorted({r["model"] for r in csv.DictReader(path.open())})}
+
+
+def real_speedup(path: Path | None) -> dict | None:
+    """Per temperature: own autoregressive ms/token over the fastest int4-tier pipeline's, mean over
+    documents at the longest context, from a `scripts/bench_real.py` run whose overrides quantize
+    the draft tiers (`cache.weights=int4 draft.weights=int4`): both measured side by side."""
+    if path is None or not path.is_file():
         return None
-    tps = [json.loads(p.read_text())["stats"]["tokens_per_second"] for p in (ar, q4)]
-    return tps[1] / tps[0]
+    res = json.loads(path.read_text())
+    if not any("weights=int4" in o for o in res["settings"]["overrides"]):
+        raise SystemExit(f"{path}: its bench_real overrides quantize no tier (cache.weights=int4 / draft.weights=int4)")
+    rows = [r for r in res["rows"] if r["system"].startswith("triforce/")]
+    ctx = max(r["context"] for r in rows)
+    out = {}
+    for t in sorted({r["temperature"] for r in rows}):
+        sub = [r for r in rows if r["context"] == ctx and r["temperature"] == t]
+        ms = {p: statistics.mean(r["ms_per_token"] for r in sub if r["pipeline"] == p) for p in {r["pipeline"] for r in sub}}
+        quantized = {p: v for p, v in ms.items() if p != "autoregressive"}
+        if "autoregressive" in ms and quantized:
+            best = min(quantized, key=quantized.get)
+            out[str(t)] = {"speedup": ms["autoregressive"] / quantized[best], "pipeline": best, "context": ctx}
+    return out or None
 
 
 def summarize(out: dict, args) -> dict:
@@ -303,7 +326,8 @@ def summarize(out: dict, args) -> dict:
     trade = out.get("offload_24gb", {})
     s["offload_24gb_120k_winner"] = trade.get("winner")
     s["q4_middle_acceptance_drop"] = acceptance_drop(args.acceptance_csv)
-    s["real_q4_speedup_vs_ar_32k"] = real_speedup(args.real_ar, args.real_q4)
+    s["q4_middle_acceptance_drop_per_model"] = acceptance_drop_per_model(args.acceptance_csv)
+    s["real_q4_speedup_vs_ar_32k"] = real_speedup(args.real)
     return s
 
 
@@ -316,14 +340,24 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=192)
     ap.add_argument("--gammas", default="12:6,16:6", help="target:tiny gamma pairs of the end-to-end runs")
     ap.add_argument("--acceptance-csv", type=Path, default=ROOT / "results/acceptance_quant.csv")
-    ap.add_argument("--real-ar", type=Path, default=None)
-    ap.add_argument("--real-q4", type=Path, default=None)
+    ap.add_argument("--real", type=Path, default=None,
+                    help="bench_real.py JSON of the real pair with int4 tiers (default results/real_q4_<gpu>.json)")
+    ap.add_argument("--summarize-only", type=Path, default=None, metavar="JSON",
+                    help="recompute the summary of an earlier run (with --acceptance-csv / --real), no GPU")
     ap.add_argument("--smoke", action="store_true", help="CPU (or GPU) at toy sizes: every part runs, numbers mean nothing")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not 0 < args.rate - args.drop <= args.rate < 1:
         raise SystemExit(f"--rate ({args.rate}) and --drop ({args.drop}) must give 0 < rate - drop <= rate < 1")
     gammas = [tuple(int(g) for g in pair.split(":")) for pair in args.gammas.split(",")]
+    if args.summarize_only:
+        out = json.loads(args.summarize_only.read_text())
+        if args.real is None:
+            args.real = ROOT / f"results/real_q4_{args.summarize_only.stem.removeprefix('quant_')}.json"
+        out["summary"] = summarize(out, args)
+        args.summarize_only.write_text(json.dumps(out, indent=1))
+        print(json.dumps(out["summary"], indent=1))
+        return
     cuda = torch.cuda.is_available()
     if not cuda and not args.smoke:
         raise SystemExit("bench_quant.py measures GPU steps against their byte floor: run it on a GPU, or --smoke")
@@ -333,6 +367,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else "cpu"
     gpu = "h100" if "H100" in name else "h200" if "H200" in name else name.split()[-1].lower()
     path = args.out or ROOT / f"results/quant_{gpu}{'_smoke' if args.smoke else ''}.json"
+    if args.real is None:
+        args.real = ROOT / f"results/real_q4_{gpu}.json"
     import triton
 
     out = {"gpu": name, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,

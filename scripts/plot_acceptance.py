@@ -11,8 +11,9 @@ and prints markdown tables (policy x budget, per pair and temperature) at the lo
 Runs of the weights axes (`study.weights`, `study.tiny_weights`) are series of their own
 ("retrieval/int4"), and a further table gives the tiny tier's acceptance by its weights.
 Usage: python scripts/plot_acceptance.py [--name qwen | --runs PATH --csv PATH --png PATH] [--gamma 6]
-Quantized-draft study: --runs results/acceptance_quant_runs.jsonl --csv results/acceptance_quant.csv
-    --png results/acceptance_quant.png
+Quantized-draft study (two models in one runs file: the CSV holds both, figure and tables one model):
+    --runs results/acceptance_quant_runs.jsonl --csv results/acceptance_quant.csv --no-png
+    --runs results/acceptance_quant_runs.jsonl --model qwen2.5-coder-1.5b --csv /dev/null --png results/acceptance_quant_qwen.png
 """
 from __future__ import annotations
 
@@ -214,10 +215,15 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--gamma", type=int, default=None, help="main gamma (default: the most frequent)")
     ap.add_argument("--temperature", type=float, default=None, help="only this temperature (default: every one)")
     ap.add_argument("--prompt-tokens", type=int, default=None, help="table's prompt length (default: longest)")
+    ap.add_argument("--model", default=None, help="only the runs of this model (a runs file may hold several)")
     a = ap.parse_args(argv)
     stem = f"acceptance_{a.name}" if a.name else "acceptance"
     runs = a.runs or ROOT / f"results/{stem}_runs.jsonl"
     rows = load_rows(runs)
+    if a.model:
+        rows = [r for r in rows if r.get("model") == a.model]
+        if not rows:
+            raise SystemExit(f"error: no runs of model {a.model!r} in {runs}")
     gammas = [r["gamma"] for r in rows]
     gamma = a.gamma if a.gamma is not None else max(set(gammas), key=gammas.count)
     temperatures = [a.temperature] if a.temperature is not None else sorted({r["temperature"] for r in rows})

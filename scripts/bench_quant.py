@@ -158,7 +158,7 @@ def middle_steps(model, views: dict, full: FullCache, ctx: int, budget: int, bw:
 
 # ----------------------------------------------------------------------------------- 3. end to end
 
-def e2e_injected(model, views: dict, tiny, full: FullCache, ctx: int, budget: int, rate: float, drop: float,
+def e2e_injected(model, views: dict, tiny, full: FullCache, ctx: int, budget: int, rate: float, drops: dict,
                  new: int, gammas: list[tuple[int, int]], device) -> list[dict]:
     """Real engine at `ctx`, acceptance decisions injected (benchmark-only), decode time only."""
     stream = StreamingCache(tiny, 16, 496, slack=64, max_forward=512)
@@ -205,7 +205,7 @@ def e2e_injected(model, views: dict, tiny, full: FullCache, ctx: int, budget: in
         ar = emit(run([Tier("target", model, full)], {}, "autoregressive"))
         for fmt, m in views.items():
             ret = RetrievalCache(full, model, budget, 8)
-            a = rate if fmt == "bf16" else rate - drop
+            a = rate - drops.get(fmt, 0.0)
             for gamma, tiny_gamma in gammas:
                 r = run([Tier("target", model, full, gamma=gamma), Tier("retrieval", m, ret, gamma=tiny_gamma),
                          Tier("tiny", tiny, stream)], {0: a, 1: 0.8},
@@ -316,13 +316,18 @@ def summarize(out: dict, args) -> dict:
     s = {"q4_middle_step_over_bf16": steps["int4"]["step_ms"] / steps["bf16"]["step_ms"] if steps else None,
          "q8_middle_step_over_bf16": steps["int8"]["step_ms"] / steps["bf16"]["step_ms"] if steps else None,
          "q4_middle_step_over_floor": steps["int4"]["step_over_floor"] if steps else None}
-    for fmt in ("int4", "bf16"):
+    for fmt in ("int4", "int8", "bf16"):
         runs = [r for r in out.get("e2e_injected", []) if r.get("weights") == fmt]
-        key = "e2e_speedup_q4_7b_128k" if fmt == "int4" else "e2e_speedup_bf16_7b_128k"
+        if not runs:
+            continue
+        key = {"int4": "e2e_speedup_q4_7b_128k", "int8": "e2e_speedup_q8_7b_128k", "bf16": "e2e_speedup_bf16_7b_128k"}[fmt]
         s[key] = max((r["speedup_vs_ar"] for r in runs), default=None)
         s[key + "_expected_length"] = max((r["speedup_vs_ar_expected_length"] for r in runs), default=None)
     s["e2e_context"] = out.get("context")
-    s["e2e_injected_acceptance"] = f"middle {args.rate} (bf16) / {args.rate - args.drop:.2f} (int4), tiny 0.8: INJECTED"
+    ran = {r.get("weights") for r in out.get("e2e_injected", [])}
+    rates = {"bf16": args.rate, "int8": args.rate - args.drop8, "int4": args.rate - args.drop}
+    s["e2e_injected_acceptance"] = ("middle " + " / ".join(f"{rates[f]:.2f} ({f})" for f in FORMATS if f in ran)
+                                    + ", tiny 0.8: INJECTED")
     trade = out.get("offload_24gb", {})
     s["offload_24gb_120k_winner"] = trade.get("winner")
     s["q4_middle_acceptance_drop"] = acceptance_drop(args.acceptance_csv)
@@ -337,6 +342,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=4096)
     ap.add_argument("--rate", type=float, default=0.9, help="injected acceptance of the bf16 middle tier")
     ap.add_argument("--drop", type=float, default=0.05, help="int4 middle tier's injected acceptance is rate - drop")
+    ap.add_argument("--drop8", type=float, default=0.0, help="int8 middle tier's injected acceptance is rate - drop8")
+    ap.add_argument("--e2e-formats", default="bf16,int8,int4", help="middle-tier weights of the end-to-end runs")
     ap.add_argument("--new-tokens", type=int, default=192)
     ap.add_argument("--gammas", default="12:6,16:6", help="target:tiny gamma pairs of the end-to-end runs")
     ap.add_argument("--acceptance-csv", type=Path, default=ROOT / "results/acceptance_quant.csv")
@@ -388,7 +395,8 @@ def main() -> None:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-        free = torch.cuda.mem_get_info()[0] + views["int8"].quantized_bytes  # the int8 view goes before e2e
+        e2e = args.e2e_formats.split(",")
+        free = torch.cuda.mem_get_info()[0] + sum(views[f].quantized_bytes for f in FORMATS[1:] if f not in e2e)
         fit = int((free - 6 * 2**30) / a.kv_bytes_per_token(2)) - args.new_tokens - 128
     else:
         fit = 2048
@@ -399,10 +407,13 @@ def main() -> None:
         full = FullCache(model, ctx + args.new_tokens + 64)
         fill_random(full, ctx)
         out["middle_steps"] = middle_steps(model, views, full, ctx, budget, bw, device)
-        del views["int8"]  # end to end compares the target's own weights with int4
+        for fmt in [f for f in views if f not in args.e2e_formats.split(",")]:
+            del views[fmt]  # only the formats asked for run end to end
+
         gc.collect()
         tiny = build_model(tiny_args, None, device, dtype, seed=1).eval()
-        out["e2e_injected"] = e2e_injected(model, views, tiny, full, ctx, budget, args.rate, args.drop,
+        out["e2e_injected"] = e2e_injected(model, views, tiny, full, ctx, budget, args.rate,
+                                           {"int8": args.drop8, "int4": args.drop},
                                            16 if args.smoke else args.new_tokens,
                                            gammas[:1] if args.smoke else gammas, device)
     steps = {r["weights"]: r["verify5_ms"] for r in out["middle_steps"]}

@@ -83,19 +83,16 @@ def test_greedy_auto_equals_autoregressive_tiny(cost_dir, monkeypatch):
     assert sum(c["tokens"] for c in a["configs"].values()) == 48
 
 
-def test_next_call_starts_from_observed_acceptance_and_prefills_the_draft(cost_dir, monkeypatch):
-    """A second call's priors are the first call's estimates; a draft expected to run is prefilled
-    before decoding (counted as prefill), so no catch-up lands in the decode."""
+def test_a_draft_expected_to_run_is_prefilled_before_decoding(cost_dir, monkeypatch):
+    """A draft the chooser expects to use is prefilled with the prompt (counted as prefill), so no
+    catch-up of the prompt lands in the decode; a second call with the same seed repeats the first."""
     monkeypatch.setattr(auto.Chooser, "ms", fake_costs())
     monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
-    gen = triforce.load(*TINY, "temperature=0", "cache.budget=1024")  # budget over half the prompt: no middle tier
-    first = gen.generate(PROSE[:600], max_new_tokens=32).stats["auto"]
-    assert first["choice"].startswith("draft") and first["catch_up_tokens"] == 0
-    observed = {k: v["estimate"] for k, v in first["acceptance"].items() if v["proposed"]}
-    assert observed and all(v != auto.PRIOR_ACCEPTANCE for v in observed.values())
-    second = gen.generate(PROSE[:600], max_new_tokens=32).stats["auto"]
-    for k, est in observed.items():
-        assert second["acceptance"][k]["prior"] == round(est, 3)
+    gen = triforce.load(*TINY, "temperature=0.6", "cache.budget=1024")  # budget over half the prompt: no middle tier
+    first = gen.generate(PROSE[:600], max_new_tokens=32, seed=3)
+    a = first.stats["auto"]
+    assert a["choice"].startswith("draft") and a["catch_up_tokens"] == 0
+    assert gen.generate(PROSE[:600], max_new_tokens=32, seed=3).token_ids == first.token_ids
 
 
 def peaky_model(seed: int):

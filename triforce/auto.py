@@ -22,8 +22,8 @@ tier and the self-draft on prose, 0.62-0.97), so speculation starts only where i
 ordinary acceptance; for the retrieval tier it rises with the budget (0.65 at 256 to 0.95 at
 4096, fitted to the README's acceptance table and TriForce's ~0.9 at 4K), which is what picks
 `cache.budget=auto`. Ten pseudo-tokens are about two rounds, so observations dominate quickly.
-A Generator remembers each pair's last estimate and uses it as the next call's prior (same weight),
-so repeated calls start where the last one ended instead of re-learning from 0.7.
+Each call starts from the prior again (no memory across calls), so a Generator's calls stay
+reproducible: the same prompt and seed give the same tokens once the step costs are cached.
 
 Prefill. A tier the chooser expects to use (a configuration with the draft is predicted to beat
 autoregressive at the start) is prefilled before decoding, like a fixed pipeline's tiers, and
@@ -256,10 +256,8 @@ class Chooser:
     """
 
     def __init__(self, settings: AutoSettings, target, middles: dict, draft, ident: str,
-                 costs: CostModel | None = None, prompt_len: int = 0, new_tokens: int = 0,
-                 priors: dict | None = None):
+                 costs: CostModel | None = None, prompt_len: int = 0, new_tokens: int = 0):
         self.settings, self.target, self.middles, self.draft = settings, target, dict(middles), draft
-        self.priors = priors if priors is not None else {}  # pair -> last call's estimate (the Generator's memory)
         self.costs = costs if costs is not None else CostModel()
         self.prompt_len, self.new_tokens = prompt_len, new_tokens
         self.tiers = [target, *self.middles.values()] + ([draft] if draft is not None else [])
@@ -358,16 +356,8 @@ class Chooser:
     def pair(self, upper: str, lower: str) -> Pair:
         key = (upper, lower) if lower != "middle" else (upper, f"middle{self.budget}")
         if key not in self.pairs:
-            default = budget_prior(self.budget) if lower == "middle" else PRIOR_ACCEPTANCE
-            self.pairs[key] = Pair(self.priors.get(key, default))
+            self.pairs[key] = Pair(budget_prior(self.budget) if lower == "middle" else PRIOR_ACCEPTANCE)
         return self.pairs[key]
-
-    def remember(self) -> None:
-        """Keep each observed pair's estimate as the prior of the next call (same PRIOR_WEIGHT, so a
-        different text re-learns within a few rounds)."""
-        for key, p in self.pairs.items():
-            if p.accepted + p.rejections:
-                self.priors[key] = p.estimate
 
     def rate(self, config: Config) -> float:
         """Expected target tokens per ms of `config`."""
@@ -575,4 +565,4 @@ def make_chooser(gen, tiers: list, prompt_len: int, new_tokens: int, costs: Cost
             if explicit or mid.cache.budget < prompt_len:
                 middles = {mid.cache.budget: mid}
     ident = f"{device_name(gen.device)}|{str(gen.dtype).removeprefix('torch.')}|{gen.cfg.model.name}"
-    return Chooser(s, target, middles, draft, ident, costs, prompt_len, new_tokens, gen.auto_priors)
+    return Chooser(s, target, middles, draft, ident, costs, prompt_len, new_tokens)

@@ -125,7 +125,6 @@ class Generator:
         self.launch = tpar.resolve_launch(cfg.get("tp"))
         # auto or explicit gamma / draft.gamma / cache.budget / pipeline: the candidates (one value if explicit)
         self.auto = auto.resolve(cfg, self.launch.tp)
-        self.auto_priors: dict = {}  # acceptance per tier pair observed by the last adaptive call: the next one's prior
         self.tp, self.rank = self.launch.tp, self.launch.rank
         cfg.tp = self.tp
         self.device = tpar.rank_device(resolve_device(cfg.device), self.launch)
@@ -452,7 +451,6 @@ class Generator:
         }
         if engine.chooser is not None:
             stats["auto"] = engine.chooser.report(engine, n, decode)
-            engine.chooser.remember()
         if self.device.type == "cuda":  # bytes each tier reads per forward: weights + the KV it attends to
             moved = 0.0  # on one rank (its shard), so under tp this is per GPU
             for t in (engine.chooser.tiers if engine.chooser is not None else engine.tiers):

@@ -1,8 +1,8 @@
 """The CLI: `python -m triforce.generate [+model=NAME] key=value ...` (Hydra).
 
 Thin plumbing around the API in triforce/generator.py: the prompt (`prompt`, `prompt_file`,
-`document` + `question`), progress bars, the summary line on stderr, `output_json`, and one line
-`error: ...` with exit status 2 for bad input.
+`document` + `question`, or many in `prompts_file`), progress bars, the summary line on stderr,
+`output_json` / `output_jsonl`, and one line `error: ...` with exit status 2 for bad input.
 """
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from triforce.generator import Generator
+from triforce.generator import Generator, normalize_rows, rows_summary
 # compatibility re-export for one release: import these from triforce.generator
 from triforce.generator import PIPELINES, ByteTokenizer, GenerationResult, default_model_config, load, model_file  # noqa: F401
 
@@ -70,6 +71,26 @@ def read_prompt(cfg: DictConfig) -> str:
     return cfg.prompt or ""
 
 
+def read_prompts_file(path: str) -> list[dict]:
+    """`prompts_file`: JSON lines, each a prompt text or an object with `prompt` and optional per-row
+    `max_new_tokens`, `temperature`, `top_p`, `seed`. Checked before any model loads."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"prompts_file {p} does not exist")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"prompts_file {p} line {n}: not JSON ({e.msg}); each line is a JSON string or "
+                             f'an object like {{"prompt": "...", "max_new_tokens": 64}}') from None
+    if not rows:
+        raise ValueError(f"prompts_file {p} holds no prompts")
+    return normalize_rows(rows)
+
+
 # what a user can fix: bad settings, missing files, a GPU that is absent or too small
 USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError)
 
@@ -88,6 +109,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> None:
+    if cfg.get("prompts_file"):
+        return run_rows(cfg)
     prompt = read_prompt(cfg)
     if not prompt:
         raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
@@ -102,6 +125,30 @@ def run(cfg: DictConfig) -> None:
                                         "config": OmegaConf.to_container(gen.cfg)}, indent=1))
     if gen.group is not None:
         torch.distributed.barrier()  # rank 0 may still be writing: no rank tears the group down under another
+        torch.distributed.destroy_process_group()
+
+
+def run_rows(cfg: DictConfig) -> None:
+    """`prompts_file=PATH.jsonl`: one result line per prompt in `output_jsonl` (default PATH.results.jsonl)."""
+    if cfg.prompt_file or cfg.get("document"):
+        raise ValueError("set prompts_file or prompt_file / document, not both")
+    rows = read_prompts_file(cfg.prompts_file)
+    out = Path(cfg.get("output_jsonl") or Path(cfg.prompts_file).expanduser().with_suffix(".results.jsonl")).expanduser()
+    gen = Generator(cfg, progress=True)
+    t0 = time.perf_counter()
+    results = gen.generate_rows(rows, progress=True)
+    summary = rows_summary(results, time.perf_counter() - t0)
+    if gen.rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("w") as f:
+            for i, r in enumerate(results):
+                f.write(json.dumps({"index": i, "text": r.text, "token_ids": r.token_ids, "stats": r.stats}) + "\n")
+        acc = ", ".join(f"{k} accept {v:.2f}" for k, v in summary["mean_acceptance"].items())
+        print(f"{summary['prompts']} prompts, {summary['generated_tokens']} tokens, {summary['tokens_per_second'] or 0:.2f} "
+              f"tok/s overall, {summary['mean_ms_per_token'] or 0:.1f} ms/token decode" + (f" | {acc}" if acc else "")
+              + f" -> {out}", file=sys.stderr)
+    if gen.group is not None:
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 from triforce import auto
 from triforce import tp as tpar
@@ -379,14 +380,19 @@ class Generator:
             tier.graphed = GraphedModel(tier.model, tier.cache, auto.graph_sizes(self.auto, role))
         return tier
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int | None = None, temperature: float | None = None,
+    def generate(self, prompt: str | list[int] | list, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_p: float | None = None, seed: int | None = None, stream: bool = False,
-                 chat: bool | None = None, progress: bool = False) -> GenerationResult:
+                 chat: bool | None = None, progress: bool = False) -> GenerationResult | list[GenerationResult]:
         """Generate after `prompt` (text, or token ids); unset arguments come from the config.
 
+        A list of prompts (texts, token-id lists, or dicts with `prompt` and optional per-row
+        `max_new_tokens`, `temperature`, `top_p`, `seed`) returns one result per prompt, row i seeded
+        with `seed + i` unless it sets its own; a flat list of ints stays one prompt. See `generate_rows`.
         `progress` draws tqdm bars (prefill, and tokens unless streaming); off by default so a loop of
         API calls stays quiet. The CLI turns it on.
         """
+        if is_prompt_list(prompt):
+            return self.generate_rows(prompt, max_new_tokens, temperature, top_p, seed, chat, progress)
         cfg = self.cfg
         max_new_tokens = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         temperature = cfg.temperature if temperature is None else temperature
@@ -439,6 +445,46 @@ class Generator:
         stats = self._stats(engine, len(ids), len(tokens), seconds)
         return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats)
 
+    def generate_rows(self, prompts: list, max_new_tokens: int | None = None, temperature: float | None = None,
+                      top_p: float | None = None, seed: int | None = None, chat: bool | None = None,
+                      progress: bool = False) -> list[GenerationResult]:
+        """One result per prompt. Every row is checked (empty, over the context, bad settings) before the
+        first one runs, and each error names the row's index. Each row's output is distributed exactly as
+        the target's for that prompt alone (greedy rows equal single-prompt greedy output): today the rows
+        run one after another through the same engine; forwards shared across rows are not built yet.
+        """
+        rows = normalize_rows(prompts)
+        cfg = self.cfg
+        base_seed = cfg.seed if seed is None else seed
+        jobs = []
+        for i, row in enumerate(rows):
+            n = row.get("max_new_tokens", cfg.max_new_tokens if max_new_tokens is None else max_new_tokens)
+            t = row.get("temperature", cfg.temperature if temperature is None else temperature)
+            p = row.get("top_p", cfg.top_p if top_p is None else top_p)
+            try:
+                check_sampling(t, p)
+                ids = row["prompt"] if not isinstance(row["prompt"], str) else self.encode(
+                    row["prompt"], cfg.chat if chat is None else chat)
+                if not ids:
+                    raise ValueError("the prompt is empty")
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+                if len(ids) + n > self.context_length:
+                    raise ValueError(f"{len(ids)} tokens + max_new_tokens ({n}) exceed the model's context of "
+                                     f"{self.context_length}: shorten it or lower max_new_tokens")
+                if max(ids) >= self.args.vocab_size or min(ids) < 0:
+                    raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+            jobs.append((ids, n, t, p, row.get("seed", base_seed + i)))
+        bar = tqdm(total=len(jobs), desc="prompts", unit="prompt", disable=not progress, leave=False)
+        out = []
+        for ids, n, t, p, s in jobs:
+            out.append(self.generate(ids, n, t, p, s))
+            bar.update(1)
+        bar.close()
+        return out
+
     def _stats(self, engine: SpeculativeEngine, prompt_len: int, n: int, seconds: float) -> dict:
         measure = engine.chooser.measure_seconds if engine.chooser is not None else 0.0
         decode = seconds - engine.prefill_seconds - measure  # first-use cost measurement reported apart
@@ -467,6 +513,52 @@ class Generator:
         if self.plan is not None:
             stats["memory_plan"] = self.plan.describe()
         return stats
+
+
+ROW_KEYS = {"prompt", "max_new_tokens", "temperature", "top_p", "seed"}
+
+
+def is_prompt_list(prompt) -> bool:
+    """Several prompts (a list of texts, id lists or row dicts), as opposed to one prompt's token ids."""
+    return isinstance(prompt, (list, tuple)) and (not prompt or not all(isinstance(x, int) for x in prompt))
+
+
+def normalize_rows(prompts: list) -> list[dict]:
+    """Rows as dicts {"prompt": text or ids, ...per-row settings}; one clear error naming a bad row."""
+    if not prompts:
+        raise ValueError("the list of prompts is empty: give at least one prompt")
+    rows = []
+    for i, p in enumerate(prompts):
+        row = dict(p) if isinstance(p, dict) else {"prompt": p}
+        unknown = set(row) - ROW_KEYS
+        if unknown:
+            raise ValueError(f"prompt {i}: unknown keys {sorted(unknown)} (a row may set {sorted(ROW_KEYS)})")
+        text = row.get("prompt")
+        if isinstance(text, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in text):
+            row["prompt"] = list(text)
+        elif not isinstance(text, str):
+            raise ValueError(f"prompt {i}: a prompt is a text or a list of token ids, got {type(text).__name__}")
+        if not row["prompt"]:
+            raise ValueError(f"prompt {i}: the prompt is empty")
+        rows.append(row)
+    return rows
+
+
+def rows_summary(results: list[GenerationResult], wall_seconds: float) -> dict:
+    """Aggregate stats of several rows: tokens, tokens/s over the wall time, per-row decode speed and
+    acceptance per tier (means over the rows that ran the tier)."""
+    tiers: dict[str, list[float]] = {}
+    for r in results:
+        for name, t in r.stats["tiers"].items():
+            if t["acceptance_rate"] is not None:
+                tiers.setdefault(name, []).append(t["acceptance_rate"])
+    tokens = sum(len(r.token_ids) for r in results)
+    per_row = [r.stats["tokens_per_second"] for r in results if r.stats["tokens_per_second"]]
+    return {"prompts": len(results), "generated_tokens": tokens, "wall_seconds": wall_seconds,
+            "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 else None,
+            "mean_row_decode_tokens_per_second": sum(per_row) / len(per_row) if per_row else None,
+            "mean_ms_per_token": 1e3 * sum(r.stats["decode_seconds"] for r in results) / tokens if tokens else None,
+            "mean_acceptance": {k: sum(v) / len(v) for k, v in tiers.items()}}
 
 
 def load(*overrides: str) -> Generator:

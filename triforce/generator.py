@@ -398,17 +398,7 @@ class Generator:
         temperature = cfg.temperature if temperature is None else temperature
         top_p = cfg.top_p if top_p is None else top_p
         seed = cfg.seed if seed is None else seed
-        check_sampling(temperature, top_p)
-        ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, cfg.chat if chat is None else chat)
-        if not ids:
-            raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if len(ids) + max_new_tokens > self.context_length:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                             f"context of {self.context_length}: shorten the prompt or lower max_new_tokens")
-        if max(ids) >= self.args.vocab_size or min(ids) < 0:
-            raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
+        ids = self._checked_ids(prompt, max_new_tokens, temperature, top_p, chat)
         tpar.check_same({"prompt_ids": hashlib.sha256(str(ids).encode()).hexdigest()[:16], "prompt_tokens": len(ids),
                          "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
                         self.group, "generate()'s input")
@@ -445,6 +435,22 @@ class Generator:
         stats = self._stats(engine, len(ids), len(tokens), seconds)
         return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats)
 
+    def _checked_ids(self, prompt: str | list[int], max_new_tokens, temperature: float, top_p: float,
+                     chat: bool | None) -> list[int]:
+        """The prompt's token ids, after every check that needs no model run (one clear ValueError)."""
+        check_sampling(temperature, top_p)
+        ids = list(prompt) if not isinstance(prompt, str) else self.encode(prompt, self.cfg.chat if chat is None else chat)
+        if not ids:
+            raise ValueError("the prompt is empty: give some text (prompt=... or prompt_file=...)")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if len(ids) + max_new_tokens > self.context_length:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                             f"context of {self.context_length}: shorten the prompt or lower max_new_tokens")
+        if max(ids) >= self.args.vocab_size or min(ids) < 0:
+            raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
+        return ids
+
     def generate_rows(self, prompts: list, max_new_tokens: int | None = None, temperature: float | None = None,
                       top_p: float | None = None, seed: int | None = None, chat: bool | None = None,
                       progress: bool = False) -> list[GenerationResult]:
@@ -462,18 +468,7 @@ class Generator:
             t = row.get("temperature", cfg.temperature if temperature is None else temperature)
             p = row.get("top_p", cfg.top_p if top_p is None else top_p)
             try:
-                check_sampling(t, p)
-                ids = row["prompt"] if not isinstance(row["prompt"], str) else self.encode(
-                    row["prompt"], cfg.chat if chat is None else chat)
-                if not ids:
-                    raise ValueError("the prompt is empty")
-                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                    raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
-                if len(ids) + n > self.context_length:
-                    raise ValueError(f"{len(ids)} tokens + max_new_tokens ({n}) exceed the model's context of "
-                                     f"{self.context_length}: shorten it or lower max_new_tokens")
-                if max(ids) >= self.args.vocab_size or min(ids) < 0:
-                    raise ValueError(f"token ids must be in [0, {self.args.vocab_size})")
+                ids = self._checked_ids(row["prompt"], n, t, p, chat)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             jobs.append((ids, n, t, p, row.get("seed", base_seed + i)))

@@ -14,6 +14,8 @@ captures and the first-use cost measurement are not timed).
     python scripts/bench_auto.py [--part 1 2] [--context 65536] [--new 256] [HYDRA_OVERRIDES ...]
     python scripts/bench_auto.py --smoke     # CPU: tiny shapes, a few tokens, checks the script runs
 
+Scenarios of a `scripts/bench_real.py` run with its `auto` rows (the real Qwen2.5-Coder pair on code,
+results/real_<gpu>.json, or `--real-json`) join the summary; `--summarize-only JSON` recomputes it.
 Writes results/auto_<gpu>.json (raw rows + `summary`: `auto_worst_vs_best_fixed`,
 `auto_worst_vs_ar`, the worst over scenarios of auto's tokens/s over the best fixed config's and
 over autoregressive's) and prints each row as it is measured. About 4-5 minutes on an H200.
@@ -207,6 +209,21 @@ def scenario_ratios(rows: list[dict], keys: tuple[str, ...], speed) -> list[dict
     return out
 
 
+def real_pair_rows(path: Path) -> tuple[str, list[dict]]:
+    """A `scripts/bench_real.py` run (its fixed pipelines and `auto` on real code, side by side) as
+    scenario rows: per (context, temperature), each pipeline's ms per token, mean over the tasks."""
+    res = json.loads(path.read_text())
+    ours = [r for r in res["rows"] if r["system"].startswith("triforce/")]
+    if not any(r["pipeline"] == "auto" for r in ours):
+        raise SystemExit(f"{path}: no pipeline=auto rows (run bench_real.py with its default pipelines)")
+    groups: dict[tuple, list[float]] = {}
+    for r in ours:
+        groups.setdefault((r["context"], r["temperature"], r["pipeline"]), []).append(r["ms_per_token"])
+    return res["settings"].get("model", "real pair"), [
+        {"context": c, "temperature": t, "config": p, "ms_per_token": sum(v) / len(v), "tasks": len(v)}
+        for (c, t, p), v in sorted(groups.items())]
+
+
 def summarize(out: dict) -> dict:
     scen = []
     if out.get("injected"):
@@ -215,6 +232,9 @@ def summarize(out: dict) -> dict:
     if out.get("real"):
         scen += [{"part": out.get("real_model", "real"), **s}
                  for s in scenario_ratios(out["real"], ("context", "temperature"), lambda r: r["tokens_per_second"])]
+    if out.get("real_pair"):
+        scen += [{"part": f"{out['real_pair_model']} (bench_real)", **s} for s in
+                 scenario_ratios(out["real_pair"], ("context", "temperature"), lambda r: 1.0 / r["ms_per_token"])]
     if not scen:
         return {}
     return {"auto_worst_vs_best_fixed": min(s["auto_vs_best_fixed"] for s in scen),
@@ -228,8 +248,20 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=256, help="part 1 tokens per timed run")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run that checks the script end to end")
     ap.add_argument("--cost-table", default=None, help="step-cost JSON (default: cache_dir()/step_costs.json)")
+    ap.add_argument("--real-json", type=Path, default=None,
+                    help="a bench_real.py run to add as scenarios (default results/real_<gpu>.json when it has auto rows)")
+    ap.add_argument("--summarize-only", type=Path, default=None, metavar="JSON",
+                    help="recompute the summary of an earlier run (with --real-json), no GPU")
     ap.add_argument("--out", default=None)
     args, overrides = ap.parse_known_args()
+    if args.summarize_only:
+        out = json.loads(args.summarize_only.read_text())
+        if args.real_json:
+            out["real_pair_model"], out["real_pair"] = real_pair_rows(args.real_json)
+        out["summary"] = summarize(out)
+        args.summarize_only.write_text(json.dumps(out, indent=1))
+        print(json.dumps({k: v for k, v in out["summary"].items() if k != "scenarios"}, indent=1))
+        return
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise SystemExit(f"unknown arguments {bad}: Hydra overrides look like key=value or +model=NAME")
@@ -249,6 +281,10 @@ def main() -> None:
         part1(args, out)
     if 2 in args.part:
         part2(args, overrides, out)
+    real = args.real_json or ROOT / f"results/real_{tag}.json"
+    if real.is_file() and (args.real_json or '"triforce/auto"' in real.read_text()):
+        out["real_pair_model"], out["real_pair"] = real_pair_rows(real)
+        out["settings"]["real_pair_from"] = str(real)
     out["summary"] = summarize(out)
     path = Path(args.out or ROOT / f"results/auto_{tag}.json")
     path.write_text(json.dumps(out, indent=1))

@@ -1,0 +1,23 @@
+"""scripts/bench_auto.py --summarize-only: a bench_real run's fixed pipelines and `auto` as scenarios."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_real_pair_scenarios(tmp_path):
+    rows = [{"system": f"triforce/{p}", "pipeline": p, "context": 8192, "temperature": 0.0, "document": d, "ms_per_token": ms}
+            for p, d, ms in [("autoregressive", "a", 2.0), ("autoregressive", "b", 2.0), ("draft", "a", 1.0),
+                             ("draft", "b", 3.0), ("auto", "a", 4.0), ("auto", "b", 4.0)]]
+    rows.append({"system": "hf/assisted", "context": 8192, "temperature": 0.0, "ms_per_token": 100.0})  # a peer: not a scenario row
+    (tmp_path / "real.json").write_text(json.dumps({"settings": {"model": "pair"}, "rows": rows}))
+    (tmp_path / "auto.json").write_text(json.dumps({}))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_auto.py"), "--summarize-only", str(tmp_path / "auto.json"),
+                        "--real-json", str(tmp_path / "real.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "auto.json").read_text())["summary"]
+    # means over the tasks: AR 2.0, draft 2.0 (the best fixed; a tie with AR), auto 4.0 ms/token
+    assert s["auto_worst_vs_ar"] == 0.5 and s["auto_worst_vs_best_fixed"] == 0.5
+    assert s["scenarios"][0]["part"] == "pair (bench_real)"

@@ -472,6 +472,12 @@ class Generator:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             jobs.append((ids, n, t, p, row.get("seed", base_seed + i)))
+        if self.device.type == "cuda":  # the longest row must fit before any row runs (the error says what it needs)
+            i = max(range(len(jobs)), key=lambda k: len(jobs[k][0]) + jobs[k][1])
+            try:
+                self.plan_memory(len(jobs[i][0]) + jobs[i][1] + self.auto.depth, jobs[i][1])
+            except ValueError as e:
+                raise ValueError(f"prompt {i} (the longest): {e}") from None
         bar = tqdm(total=len(jobs), desc="prompts", unit="prompt", disable=not progress, leave=False)
         out = []
         for ids, n, t, p, s in jobs:

@@ -77,3 +77,22 @@ def test_cli_bad_prompts_file_is_one_line(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "line 2: not JSON" in lines[0], r.stderr
+
+
+def test_the_longest_row_is_planned_first_on_a_gpu(monkeypatch):
+    """On a GPU the longest row's memory plan runs before any row; its error names the row."""
+    import types
+
+    gen = triforce.load(*TINY)
+    asked = []
+
+    def plan(capacity, new_tokens):
+        asked.append((capacity, new_tokens))
+        raise ValueError("1000 tokens need 99.0 GiB of GPU memory")
+
+    monkeypatch.setattr(gen, "plan_memory", plan)
+    monkeypatch.setattr(gen, "device", types.SimpleNamespace(type="cuda"))
+    monkeypatch.setattr(gen, "generate", lambda *a, **k: pytest.fail("a row ran before the plan"))
+    with pytest.raises(ValueError, match=r"prompt 1 \(the longest\): 1000 tokens need 99.0 GiB"):
+        gen.generate_rows(["short", PROMPTS[1], "mid " * 5])
+    assert len(asked) == 1 and asked[0][1] == 8

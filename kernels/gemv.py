@@ -21,8 +21,10 @@ MAX_ROWS = 16  # the rows of x one program holds (tl.dot needs >= 16 on a side)
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(X, W, Y, M, N, K, sxm, swn, sym,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+    def _gemv_kernel(X, W, S, B, Y, M, N, K, sxm, swn, sym,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                     SCALED: tl.constexpr = False, HAS_BIAS: tl.constexpr = False):
+        # y = (x @ W^T) * S[n] (SCALED: an int8 weight's per-row scale) + B[n] (HAS_BIAS)
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         m = tl.arange(0, BLOCK_M)
         n_ok = n < N
@@ -33,16 +35,24 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
-            w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
             if DOT:
                 x = tl.load(X + m[:, None] * sxm + k[None, :], mask=(m[:, None] < M) & k_ok[None, :], other=0.0)
-                acc += tl.dot(x, tl.trans(w))
+                acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # int8 values are exact in bf16/fp16
             else:
                 x = tl.load(X + k, mask=k_ok, other=0.0)
                 acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
         if DOT:
+            if SCALED:
+                acc = acc * tl.load(S + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_BIAS:
+                acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & n_ok[None, :])
         else:
+            if SCALED:
+                acc = acc * tl.load(S + n, mask=n_ok, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
 
 
@@ -60,7 +70,7 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     # best of a sweep on the H100 over the 7B shapes (bf16): one row (FMA) / several rows (tl.dot)
     block_n, warps, block_k, dot = (8, 8, 1024, False) if m == 1 else (32, 4, 512, True)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x, w, w, w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
                                              BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot,
                                              num_stages=3, num_warps=warps)
     return y

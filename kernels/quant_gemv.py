@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ._common import tl, triton, use_triton
-
-MAX_ROWS = 16  # rows of x one program holds (tl.dot needs >= 16 on a side)
+from . import gemv  # int8 runs the bf16 GEMV kernel, with its per-row scale applied once per output
+from .gemv import MAX_ROWS
 GROUP_SIZES = (32, 64, 128)  # powers of two: a kernel block holds whole groups
 
 
@@ -93,39 +93,6 @@ def int4_gemv_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
 # ----------------------------------------------------------------------------- Triton
 
 if triton is not None:
-
-    @triton.jit
-    def _int8_gemv_kernel(X, W, S, B, Y, M, N, K, sxm, swn, sym,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          DOT: tl.constexpr, HAS_BIAS: tl.constexpr):
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        m = tl.arange(0, BLOCK_M)
-        n_ok = n < N
-        if DOT:  # several rows: tensor cores on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
-            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        else:  # one row: a multiply-add per weight element
-            acc = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < K
-            w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            if DOT:
-                x = tl.load(X + m[:, None] * sxm + k[None, :], mask=(m[:, None] < M) & k_ok[None, :], other=0.0)
-                acc += tl.dot(x, tl.trans(w.to(x.dtype)))  # int8 values are exact in bf16/fp16
-            else:
-                x = tl.load(X + k, mask=k_ok, other=0.0)
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], 1)
-        s = tl.load(S + n, mask=n_ok, other=0.0).to(tl.float32)
-        if DOT:
-            acc = acc * s[None, :]
-            if HAS_BIAS:
-                acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & n_ok[None, :])
-        else:
-            acc = acc * s
-            if HAS_BIAS:
-                acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _int4_gemv_kernel(X, Q, S, Z, B, Y, M, N, K, KB, sxm, sqn, ssn, sym,
@@ -191,9 +158,9 @@ def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     # best of a sweep on the H200 over the 7B shapes: one row FMA, several tl.dot
     block_n, warps, bk, dot = (4, 4, 2048, False) if m == 1 else (32, 4, 512, True)
-    _int8_gemv_kernel[(triton.cdiv(n, block_n),)](
+    gemv._gemv_kernel[(triton.cdiv(n, block_n),)](
         x, q, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0),
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k or bk, DOT=dot, HAS_BIAS=bias is not None,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k or bk, DOT=dot, SCALED=True, HAS_BIAS=bias is not None,
         num_stages=3, num_warps=warps)
     return y
 

@@ -128,6 +128,11 @@ def tv_bound(p: torch.Tensor, n: int, delta: float = 1e-4) -> float:
     return 0.5 * float((p * (1 - p) / n).sqrt().sum()) + math.sqrt(math.log(1 / delta) / (2 * n))
 
 
+def tv_and_bound(emp: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """TV distance of the empirical joint from the exact one, and the bound N samples allow."""
+    return 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+
+
 def broken_verify(draft, q, p, generator=None):
     """Resamples from p (not the residual) on rejection: biased towards the draft."""
     g = draft.shape[0]
@@ -154,7 +159,7 @@ def test_output_distribution_is_the_targets(setup, pipeline, temperature, top_p,
     d_first = first_token_dist(target, tiers(target, tiny, pipeline, policy, middle_weights), prompt, temperature, top_p)
     assert 0.5 * (t_first - d_first).abs().sum() > 0.05
     emp = empirical_joint(target, tiny, prompt, pipeline, temperature, top_p, policy, middle_weights)
-    tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+    tv, bound = tv_and_bound(emp, truth)
     assert tv < bound, f"TV {tv:.4f} exceeds the sampling bound {bound:.4f}"
 
 
@@ -163,7 +168,7 @@ def test_broken_verifier_is_detected(setup, monkeypatch):
     monkeypatch.setattr(engine_mod, "speculative_verify", broken_verify)
     truth = exact_joint(target, prompt, 1.0, 1.0)
     emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0)
-    tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+    tv, bound = tv_and_bound(emp, truth)
     assert tv > bound, f"a broken verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"
 
 
@@ -172,7 +177,7 @@ def test_switching_configurations_between_rounds_is_lossless(setup, cycle):
     target, tiny, prompt = setup
     truth = exact_joint(target, prompt, 1.0, 1.0)
     emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0, cycle=cycle)
-    tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+    tv, bound = tv_and_bound(emp, truth)
     assert tv < bound, f"TV {tv:.4f} exceeds the sampling bound {bound:.4f}"
 
 
@@ -181,5 +186,5 @@ def test_broken_verifier_is_detected_when_switching(setup, monkeypatch):
     monkeypatch.setattr(engine_mod, "speculative_verify", broken_verify)
     truth = exact_joint(target, prompt, 1.0, 1.0)
     emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0, cycle=CYCLE_SPEC_FIRST)
-    tv, bound = 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
+    tv, bound = tv_and_bound(emp, truth)
     assert tv > bound, f"a broken verifier went unnoticed: TV {tv:.4f} <= bound {bound:.4f}"

@@ -407,11 +407,11 @@ class Chooser:
                 self._measure(engine, self.middles[self.budget], "middle")
                 score[self.budget] = max(self.rate(c) for c in self.candidates() if "middle" in ROLES[c.pipeline])
             self.budget = max(score, key=score.get)
-        config, rate = self.best()
-        self.why = self._why(config, rate, 1.0 / self.ms("target", 1))
+        rates = [(c, self.rate(c)) for c in self.candidates()]
+        config, rate = max(rates, key=lambda x: x[1])
         ar = 1.0 / self.ms("target", 1)
-        if "draft" in roles and any(r > ar for c, r in ((c, self.rate(c)) for c in self.candidates())
-                                    if "draft" in ROLES[c.pipeline]):
+        self.why = self._why(config, rate, ar)
+        if "draft" in roles and any(r > ar for c, r in rates if "draft" in ROLES[c.pipeline]):
             engine.bring_up_now(self.draft)  # the draft will likely run: prefill it now, as a fixed pipeline does
         self._switch(engine, config, rate)
 

@@ -34,7 +34,7 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from bench_speed import hf_ms_per_token, timed_generation
+from bench_speed import hf_ms_per_token, hf_model, timed_generation
 from triforce.corpus import code_tasks
 from triforce.engine import SpeculativeEngine
 from triforce.generator import PIPELINES, Generator, model_file
@@ -143,18 +143,6 @@ def run_hf(args, overrides: list[str], tasks, raw: Path) -> list[dict]:
             rows.append(row)
             emit(row, raw)
     return rows
-
-
-def hf_model(path, dtype: torch.dtype, device: str):
-    """transformers' own model of a checkpoint: a GGUF is dequantized by transformers itself (from its
-    directory in our conversion cache), so the peer runs the same weights as triforce."""
-    from transformers import AutoModelForCausalLM
-
-    from triforce.models.llama import GGUF_LINK, resolve_checkpoint
-
-    hf_dir = resolve_checkpoint(path)
-    gguf = {"gguf_file": GGUF_LINK} if (hf_dir / GGUF_LINK).exists() else {}
-    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, **gguf).to(device).eval()
 
 
 def run_replay(args, recorded: dict, raw: Path) -> list[dict]:

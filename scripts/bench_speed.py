@@ -398,12 +398,24 @@ def hf_ms_per_token(hf, x: torch.Tensor, new_tokens: int, warmup: bool = True, *
     return (tn - t1) / new_tokens * 1e3
 
 
+def hf_model(path, dtype: torch.dtype, device: str):
+    """transformers' own model of a checkpoint: a GGUF is dequantized by transformers itself (from its
+    directory in our conversion cache), so the peer runs the same weights as triforce."""
+    from transformers import AutoModelForCausalLM
+
+    from triforce.models.llama import GGUF_LINK, resolve_checkpoint
+
+    hf_dir = resolve_checkpoint(path)
+    gguf = {"gguf_file": GGUF_LINK} if (hf_dir / GGUF_LINK).exists() else {}
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, **gguf).to(device).eval()
+
+
 def part2(args, out: dict) -> None:
     """Real SmolLM2-135M: our pipelines vs HF generate (static cache, prompt lookup)."""
     import triforce
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
-    from triforce.models.llama import GGUF_LINK, resolve_checkpoint
+    from triforce.models.llama import resolve_checkpoint
 
     text = (ROOT / "data/corpus/botchan.txt").read_text()
     rows = []
@@ -413,11 +425,8 @@ def part2(args, out: dict) -> None:
     # the bottom tier as n-gram prompt lookup (no weights): a lookup costs no model step, so it
     # drafts more per round (draft.gamma 6)
     gens["triforce+lookup"] = triforce.load(*common, "pipeline=triforce", "model.draft_path=lookup", "draft.gamma=6")
-    hf_dir = resolve_checkpoint(args.smollm2)
-    tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    # a converted GGUF directory links the GGUF (no safetensors): transformers dequantizes it itself
-    gguf = {"gguf_file": GGUF_LINK} if (hf_dir / GGUF_LINK).exists() else {}
-    hf = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=DT, **gguf).cuda().eval()
+    tok = AutoTokenizer.from_pretrained(str(resolve_checkpoint(args.smollm2)))
+    hf = hf_model(args.smollm2, DT, "cuda")
     all_ids = tok(text).input_ids
     for ctx in (1024, 7168):
         ids = all_ids[10000:10000 + ctx]

@@ -13,12 +13,14 @@ lookup (greedy). The model comes from Hydra overrides (`--overrides`), as for `p
         model.path=T.gguf model.draft_path=D.gguf model.context_length=32768
     python scripts/bench_real.py --smoke                           # CPU, tiny sizes (the test runs this)
     python scripts/bench_real.py --replay results/real_h200.json   # random weights, recorded accept counts
+    python scripts/bench_real.py --merge results/real_h200.json real16.json --out results/real_h200.json
 
 `--replay` is for when the real weights cannot reach the GPU: it builds random weights of the
 recorded shapes and replays, round by round, the accept counts a real run recorded (a
 benchmark-only engine switch; rows are labelled "replayed"), so step costs are real and acceptance
 is the real run's. Writes the raw rows as they come (stdout, and `<out>.raw.jsonl`) and
-results/real_<gpu>.json with a `summary`.
+results/real_<gpu>.json with a `summary`. `--merge A.json B.json ... --out X.json` joins runs of one
+sweep made separately (e.g. one context each): rows and raw rows concatenated, summary recomputed.
 """
 from __future__ import annotations
 
@@ -190,25 +192,39 @@ def run_replay(args, recorded: dict, raw: Path) -> list[dict]:
 
 def summarize(rows: list[dict], longest: int) -> dict:
     """Speedups at the longest context, mean over documents, per temperature; per-tier acceptance;
-    greedy equality of each pipeline's ids with autoregressive."""
+    the same per context (`by_context`); greedy equality of each pipeline's ids with autoregressive."""
     ours = [r for r in rows if r["system"].startswith(("triforce/", "replayed/"))]
     temps = sorted({r["temperature"] for r in ours})
 
-    def ms(system_suffix, t, doc):
-        hit = [r["ms_per_token"] for r in ours if r["context"] == longest and r["temperature"] == t
+    def ms(system_suffix, t, doc, ctx=longest):
+        hit = [r["ms_per_token"] for r in ours if r["context"] == ctx and r["temperature"] == t
                and r["document"] == doc and r["pipeline"] == system_suffix]
         return hit[0] if hit else None
+
+    def speedups(ctx, t):  # per fixed pipeline: mean over documents of AR ms / its ms
+        docs = sorted({r["document"] for r in ours if r["context"] == ctx and r["temperature"] == t})
+        speed = {}
+        for pipe in dict.fromkeys(r["pipeline"] for r in ours if r["pipeline"] not in ("autoregressive", "auto")):
+            ratios = [ms("autoregressive", t, d, ctx) / ms(pipe, t, d, ctx) for d in docs
+                      if ms(pipe, t, d, ctx) and ms("autoregressive", t, d, ctx)]
+            if ratios:
+                speed[pipe] = statistics.mean(ratios)
+        return docs, speed
+
+    def acceptance(pipe, ctx, t):  # per verifying tier: mean acceptance over documents
+        sub = [r for r in ours if r["pipeline"] == pipe and r["context"] == ctx and r["temperature"] == t]
+        acc = {}
+        for tier in sub[0]["tiers"] if sub else []:
+            vals = [r["tiers"][tier]["acceptance_rate"] for r in sub if r["tiers"][tier]["acceptance_rate"] is not None]
+            if vals:
+                acc[tier] = statistics.mean(vals)
+        return sub, acc
 
     s = {"context": longest, "real_best_pipeline_32k": {}, "real_best_speedup_vs_ar_32k": {},
          "real_triforce_speedup_vs_ar_32k": {}, "real_speedup_vs_hf_assisted_32k": {}, "per_tier_acceptance": {},
          "mean_accepted_length": {}, "greedy_equal_to_autoregressive": {}}
     for t in temps:
-        docs = sorted({r["document"] for r in ours if r["context"] == longest and r["temperature"] == t})
-        speed = {}
-        for pipe in dict.fromkeys(r["pipeline"] for r in ours if r["pipeline"] not in ("autoregressive", "auto")):
-            ratios = [ms("autoregressive", t, d) / ms(pipe, t, d) for d in docs if ms(pipe, t, d) and ms("autoregressive", t, d)]
-            if ratios:
-                speed[pipe] = statistics.mean(ratios)
+        docs, speed = speedups(longest, t)
         key = str(t)
         if speed:
             best = max(speed, key=speed.get)
@@ -221,16 +237,22 @@ def summarize(rows: list[dict], longest: int) -> dict:
             best_ms = statistics.mean(ms(s["real_best_pipeline_32k"][key], t, d) for d in docs)
             s["real_speedup_vs_hf_assisted_32k"][key] = statistics.mean(hf) / best_ms
         for pipe in dict.fromkeys(r["pipeline"] for r in ours):
-            sub = [r for r in ours if r["pipeline"] == pipe and r["context"] == longest and r["temperature"] == t]
-            acc = {}
-            for tier in sub[0]["tiers"] if sub else []:
-                vals = [r["tiers"][tier]["acceptance_rate"] for r in sub if r["tiers"][tier]["acceptance_rate"] is not None]
-                if vals:
-                    acc[tier] = statistics.mean(vals)
+            sub, acc = acceptance(pipe, longest, t)
             if acc:
                 s["per_tier_acceptance"].setdefault(pipe, {})[key] = acc
                 s["mean_accepted_length"].setdefault(pipe, {})[key] = statistics.mean(
                     r["mean_accepted_length"] for r in sub)
+    # every context, keyed "context/temperature": each fixed pipeline's speedup over AR, the best one, acceptance
+    s["by_context"] = {}
+    for ctx in sorted({r["context"] for r in ours}):
+        for t in temps:
+            speed = speedups(ctx, t)[1]
+            if speed:
+                best = max(speed, key=speed.get)
+                s["by_context"][f"{ctx}/{t}"] = {
+                    "best_pipeline": best, "best_speedup_vs_ar": speed[best], "speedup_vs_ar": speed,
+                    "per_tier_acceptance": {p: acc for p in dict.fromkeys(r["pipeline"] for r in ours)
+                                            if (acc := acceptance(p, ctx, t)[1])}}
     # the adaptive chooser against the best fixed pipeline and autoregressive, per context and temperature
     s["auto_vs_best_fixed"], s["auto_vs_ar"] = {}, {}
     for ctx in sorted({r["context"] for r in ours if r["pipeline"] == "auto"}):
@@ -256,6 +278,34 @@ def summarize(rows: list[dict], longest: int) -> dict:
             elif "first_difference_at" in r:
                 c["first_difference_at"].append(r["first_difference_at"])
     return s
+
+
+def merge(paths: list[Path], out_path: Path) -> dict:
+    """Runs of one sweep (same model and settings, disjoint rows) as one run: rows joined, contexts and
+    documents united, summary recomputed; the raw companions (`.raw.jsonl`) are concatenated too."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    for p, r in zip(paths[1:], runs[1:]):
+        diff = [k for k in ("overrides", "model", "new_tokens", "budget", "docs")
+                if r["settings"].get(k) != runs[0]["settings"].get(k)]
+        if diff or r["device"] != runs[0]["device"]:
+            raise SystemExit(f"{p}: {diff or 'device'} differ from {paths[0]}: not one sweep")
+    rows = [row for r in runs for row in r["rows"]]
+    keys = [(x["system"], x["context"], x["document"], x["temperature"]) for x in rows]
+    if len(set(keys)) != len(keys):
+        raise SystemExit(f"{sorted({k for k in keys if keys.count(k) > 1})[:3]}: measured in more than one run")
+    out = {**runs[0], "settings": dict(runs[0]["settings"]), "wall_seconds": sum(r["wall_seconds"] for r in runs)}
+    st = out["settings"]
+    for k in ("contexts", "hf_contexts", "documents", "temperatures"):
+        st[k] = sorted({x for r in runs for x in r["settings"].get(k, [])})
+    st["pipelines"] = list(dict.fromkeys(x for r in runs for x in r["settings"]["pipelines"]))
+    st["merged_from"] = [{"file": p.name, "contexts": r["settings"]["contexts"], "hf_contexts": r["settings"]["hf_contexts"],
+                          "wall_seconds": r["wall_seconds"]} for p, r in zip(paths, runs)]
+    out["rows"] = rows
+    out["summary"] = summarize(rows, max(st["contexts"]))
+    raw = "".join(p.with_suffix(".raw.jsonl").read_text() for p in paths if p.with_suffix(".raw.jsonl").exists())
+    out_path.write_text(json.dumps(out, indent=1))
+    out_path.with_suffix(".raw.jsonl").write_text(raw)
+    return out
 
 
 def table(rows: list[dict]) -> str:
@@ -290,8 +340,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: 256-token prompts, 1 task, 8 tokens, budget 64")
     ap.add_argument("--replay", type=Path, default=None, help="a real run's JSON: replay its accept counts")
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="join these runs' rows into --out and recompute the summary (no model, no GPU)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.merge:
+        if a.out is None:
+            ap.error("--merge needs --out")
+        out = merge(a.merge, a.out)
+        print(table(out["rows"]))
+        print(f"wrote {a.out} ({len(out['rows'])} rows from {len(a.merge)} runs)", file=sys.stderr)
+        return out
     if a.smoke:
         a.contexts, a.docs, a.new_tokens, a.hf_contexts, a.budget = [256], 1, 8, [256], 64
     a.overrides = a.overrides or (SMOKE if a.smoke else ["+model=qwen2.5-coder-1.5b"])

@@ -110,6 +110,85 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    @property
+    def rows(self) -> list["KVCache"]:
+        """The per-sequence caches behind this one: itself for a single sequence (see `Rows`)."""
+        return [self]
+
+
+class Rows(KVCache):
+    """B caches of one kind behind the interface of one, so one forward serves a batch of sequences.
+
+    Row b of a batched forward attends through `rows[b]`: its own lengths, positions, window and
+    selection, so rows of different lengths share every weight read while each attends exactly as
+    it would alone. The engine reads and rolls back each row's length through `rows`; the model
+    only calls begin / attend / advance, which go to every row. Graph mode and the host-side
+    graph hooks (prepare, can_replay, graph_key) are the rows' own, so a batched step is captured
+    like a single one (the per-row device scalars are read inside the graph).
+    """
+
+    def __init__(self, rows: list[KVCache]):
+        if not rows or len({type(r) for r in rows}) != 1:
+            raise ValueError("Rows needs one or more caches of one kind")
+        self._rows = list(rows)
+        self.shares_target_kv, self.graph_ready = rows[0].shares_target_kv, rows[0].graph_ready
+
+    @property
+    def rows(self) -> list[KVCache]:
+        return self._rows
+
+    @property
+    def graph_mode(self) -> bool:
+        return self._rows[0].graph_mode
+
+    @graph_mode.setter
+    def graph_mode(self, on: bool) -> None:
+        for r in self._rows:
+            r.graph_mode = on
+
+    @property
+    def length(self) -> int:
+        raise AttributeError("a batch's rows have their own lengths: read cache.rows[b].length")
+
+    def __getattr__(self, name: str):
+        """Settings every row shares (budget, sinks, max_length, ...) read from the first row."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._rows[0], name)
+
+    def prepare(self, n_new: int) -> None:
+        for r in self._rows:
+            r.prepare(n_new)
+
+    def can_replay(self, n_new: int) -> bool:
+        return all(r.can_replay(n_new) for r in self._rows)
+
+    def graph_key(self) -> tuple:
+        return tuple(r.graph_key() for r in self._rows)
+
+    def begin(self, n_new: int) -> None:
+        for r in self._rows:
+            r.begin(n_new)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.cat([r.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, r in enumerate(self._rows)])
+
+    def advance(self, n_new: int) -> None:
+        for r in self._rows:
+            r.advance(n_new)
+
+    def truncate(self, length: int) -> None:
+        for r in self._rows:
+            r.truncate(length)
+
+    def begin_round(self) -> None:
+        for r in self._rows:
+            r.begin_round()
+
+    def reset(self) -> None:
+        for r in self._rows:
+            r.reset()
+
 
 class FullCache(KVCache):
     """Static, preallocated KV of every token: the target's cache (and the store retrieval reads)."""

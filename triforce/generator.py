@@ -337,8 +337,7 @@ class Generator:
         self.batch = batch
 
         def rows(make) -> KVCache:
-            caches = [make(b) for b in range(batch)]
-            return caches[0] if batch == 1 else Rows(caches)
+            return Rows.build(make, batch)
 
         if offload:  # on CPU this exercises the same staging code with host tensors
             from triforce.offload import OffloadedFullCache
@@ -380,8 +379,8 @@ class Generator:
                 budget = plan.budget  # what fits the GPU (the planner lowers it if needed)
             from triforce.policies import make_policy
 
-            mids = [make_policy(policy, full, self.model, budget, chunk, reselect, **c) for full in self._full.rows]
-            mid = mids[0] if len(mids) == 1 else Rows(mids)
+            fulls = self._full.rows
+            mid = Rows.build(lambda b: make_policy(policy, fulls[b], self.model, budget, chunk, reselect, **c), len(fulls))
             # the tier runs the target's weights or their quantized view; its policy sees the target (hooks)
             self._middles[budget] = self._graph(Tier(policy, self.middle, mid, gamma=self.auto.draft_gammas[0]), "middle")
         return self._middles[budget]

@@ -38,7 +38,7 @@ from triforce.models.llama import ModelArgs, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DT = torch.bfloat16
-SHAPES = {"q15_8k": ("qwen", 8192), "q15_32k": ("qwen", 32768), "llama7b_32k": ("llama7b", 32768)}
+SHAPES = {"q15_32k": ("qwen", 32768), "llama7b_32k": ("llama7b", 32768), "q15_8k": ("qwen", 8192)}
 SMOKE_TARGET = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
                          max_position_embeddings=1024)
 SMOKE_TINY = ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=64,
@@ -305,10 +305,12 @@ def main(argv: list[str] | None = None) -> dict:
     bw = copy_bandwidth() if device.type == "cuda" else None
     out["bandwidth_gb_s"] = bw
     torch.manual_seed(0)
-    out["shapes"] = [run_shape(s, args.batches, args.new_tokens, bw, device, args.smoke) for s in args.shapes]
-    out["summary"] = summarize(out)
     path = args.out or (Path("/tmp/triforce_batch_smoke.json") if args.smoke else ROOT / f"results/batch_{gpu_tag(name)}.json")
-    path.write_text(json.dumps(out, indent=1))
+    out["shapes"] = []
+    for s in args.shapes:  # written after each shape: a run cut short keeps what it measured
+        out["shapes"].append(run_shape(s, args.batches, args.new_tokens, bw, device, args.smoke))
+        out["summary"] = summarize(out)
+        path.write_text(json.dumps(out, indent=1))
     if not args.smoke:
         plot(out, path.with_suffix(".png"))
     print(json.dumps(out["summary"], indent=1))

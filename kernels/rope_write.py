@@ -2,9 +2,10 @@
 
 Under CUDA graphs a decode step costs about one launch per small kernel; per layer, rotating q
 and k and the two `index_copy_` writes of k and v were three of them (~2.5 us each, 0.2 ms of a
-7B retrieval-tier step). Here one program per (token, head) rotates a query head, or rotates a
-key head and writes it with its value head to store rows `idx[t]`: one launch per layer. Math in
-float32, rounded once, as the compiled `rope_qk` does.
+7B retrieval-tier step). Here one program per (sequence, token, head) rotates a query head, or
+rotates a key head and writes it with its value head to store rows `idx[b, t]`: one launch per
+layer, for one sequence or a batch of them (each at its own positions). Math in float32, rounded
+once, as the compiled `rope_qk` does.
 """
 from __future__ import annotations
 
@@ -25,54 +26,70 @@ if triton is not None:
         tl.store(dst + HALF + d, (hi * c_hi + lo * s_hi).to(dst.dtype.element_ty))
 
     @triton.jit
-    def _rope_write_kernel(Q, K, V, COS, SIN, QO, SK, SV, IDX, H,
-                           sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, sc_t, sqo_h, sqo_t, ssk_h, ssk_s, ssv_h, ssv_s,
+    def _rope_write_kernel(Q, K, V, COS, SIN, QO, SK, SV, IDX, H, T,
+                           sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_t, ss_b, ss_t,
+                           sqo_b, sqo_h, sqo_t, ssk_b, ssk_h, ssk_s, ssv_b, ssv_h, ssv_s, si_b, si_t,
                            HALF: tl.constexpr):
-        t, h = tl.program_id(0), tl.program_id(1)
+        bt, h = tl.program_id(0), tl.program_id(1)  # bt = b * T + t
+        b, t = (bt // T).to(tl.int64), bt % T  # int64: b * ssk_b can pass 2**31 in a [B, L, ...] store
         d = tl.arange(0, HALF)
-        c_lo = tl.load(COS + t * sc_t + d).to(tl.float32)
-        c_hi = tl.load(COS + t * sc_t + HALF + d).to(tl.float32)
-        s_lo = tl.load(SIN + t * sc_t + d).to(tl.float32)
-        s_hi = tl.load(SIN + t * sc_t + HALF + d).to(tl.float32)
+        c, sn = COS + b * sc_b + t * sc_t, SIN + b * ss_b + t * ss_t
+        c_lo = tl.load(c + d).to(tl.float32)
+        c_hi = tl.load(c + HALF + d).to(tl.float32)
+        s_lo = tl.load(sn + d).to(tl.float32)
+        s_hi = tl.load(sn + HALF + d).to(tl.float32)
         if h < H:  # a query head: rotate into QO
-            _rotate(Q + h * sq_h + t * sq_t, QO + h * sqo_h + t * sqo_t, d, c_lo, c_hi, s_lo, s_hi, HALF)
-        else:  # a KV head: rotate the key, store it and the value at row idx[t]
+            _rotate(Q + b * sq_b + h * sq_h + t * sq_t, QO + b * sqo_b + h * sqo_h + t * sqo_t,
+                    d, c_lo, c_hi, s_lo, s_hi, HALF)
+        else:  # a KV head: rotate the key, store it and the value at row idx[b, t]
             kh = h - H
-            row = tl.load(IDX + t)
-            _rotate(K + kh * sk_h + t * sk_t, SK + kh * ssk_h + row * ssk_s, d, c_lo, c_hi, s_lo, s_hi, HALF)
-            vx = V + kh * sv_h + t * sv_t
-            vo = SV + kh * ssv_h + row * ssv_s
+            row = tl.load(IDX + b * si_b + t * si_t)
+            _rotate(K + b * sk_b + kh * sk_h + t * sk_t, SK + b * ssk_b + kh * ssk_h + row * ssk_s,
+                    d, c_lo, c_hi, s_lo, s_hi, HALF)
+            vx = V + b * sv_b + kh * sv_h + t * sv_t
+            vo = SV + b * ssv_b + kh * ssv_h + row * ssv_s
             tl.store(vo + d, tl.load(vx + d))
             tl.store(vo + HALF + d, tl.load(vx + HALF + d))
 
 
 def rope_write_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          store_k: torch.Tensor, store_v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    q, k = rope_qk(q, k, cos, sin)
-    store_k.index_copy_(1, idx, k[0])
-    store_v.index_copy_(1, idx, v[0])
+    if store_k.dim() == 3:  # one sequence: cos/sin [T, D], store [KVH, S, D], idx [T]
+        q, k = rope_qk(q, k, cos, sin)
+        store_k.index_copy_(1, idx, k[0])
+        store_v.index_copy_(1, idx, v[0])
+        return q
+    q, k = rope_qk(q, k, cos[:, None], sin[:, None])
+    for b in range(q.shape[0]):
+        store_k[b].index_copy_(1, idx[b], k[b])
+        store_v[b].index_copy_(1, idx[b], v[b])
     return q
 
 
 def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                store_k: torch.Tensor, store_v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rotated q [1, H, T, D]; k rotated and v written to store_k/store_v [KVH, S, D] at rows idx [T].
+    """Rotated q [B, H, T, D]; k rotated and v written to store_k/store_v [B, KVH, S, D] at rows idx [B, T].
 
-    q/k/v may be strided views of the fused qkv projection (last dim contiguous); cos/sin [T, D].
+    q/k/v [B, heads, T, D] may be strided views of the fused qkv projection; cos/sin [B, T, D] (each
+    sequence at its own positions); every tensor needs a contiguous last dim. One sequence may also
+    come as B=1 with cos/sin [T, D], store [KVH, S, D] and idx [T].
     """
-    _, h, t, d = q.shape
+    b, h, t, d = q.shape
     kvh = k.shape[1]
     if not use_triton(q, k, v, store_k, store_v) or d < 16 or d & (d - 1):
         return rope_write_reference(q, k, v, cos, sin, store_k, store_v, idx)
     if any(x.stride(-1) != 1 for x in (q, k, v, cos, sin, store_k, store_v)):
         raise ValueError("rope_write needs a contiguous head_dim axis on every tensor")
-    if store_k.shape[0] != kvh or idx.numel() != t:
-        raise ValueError(f"rope_write: store {tuple(store_k.shape)} / idx {tuple(idx.shape)} do not match "
-                         f"{kvh} KV heads and {t} tokens")
-    qo = torch.empty(1, h, t, d, dtype=q.dtype, device=q.device)
-    _rope_write_kernel[(t, h + kvh)](
-        q, k, v, cos, sin, qo, store_k, store_v, idx, h,
-        q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2), cos.stride(0),
-        qo.stride(1), qo.stride(2), store_k.stride(0), store_k.stride(1), store_v.stride(0), store_v.stride(1),
+    if store_k.dim() == 3:  # one sequence, as B=1
+        cos, sin, store_k, store_v, idx = cos[None], sin[None], store_k[None], store_v[None], idx[None]
+    if (k.shape[:3] != (b, kvh, t) or v.shape != k.shape or cos.shape[:2] != (b, t) or sin.shape != cos.shape
+            or store_k.shape[:2] != (b, kvh) or store_v.shape != store_k.shape or idx.shape != (b, t)):
+        raise ValueError(f"rope_write: store {tuple(store_k.shape)} / idx {tuple(idx.shape)} / k {tuple(k.shape)} / "
+                         f"cos {tuple(cos.shape)} do not match {b} sequences, {kvh} KV heads and {t} tokens")
+    qo = torch.empty(b, h, t, d, dtype=q.dtype, device=q.device)
+    _rope_write_kernel[(b * t, h + kvh)](
+        q, k, v, cos, sin, qo, store_k, store_v, idx, h, t,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2], *sin.stride()[:2],
+        *qo.stride()[:3], *store_k.stride()[:3], *store_v.stride()[:3], *idx.stride(),
         HALF=d // 2, num_warps=1)
     return qo

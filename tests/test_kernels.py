@@ -3,6 +3,7 @@
 Tolerances: fp32 atol/rtol 2e-5 (interpreter) / 1e-4 (GPU, exp2 and reduction order); bf16/fp16 on
 the GPU are compared with the fp32 reference of the same (rounded) inputs at 2e-2 / 1e-2.
 """
+import functools
 import os
 
 import pytest
@@ -23,6 +24,7 @@ from triforce.kernels.gemv import gemv, gemv_reference, gemv_triton  # noqa: E40
 from triforce.kernels.quant_gemv import (dequantize_int4, dequantize_int8, int4_gemv, int4_gemv_reference,  # noqa: E402
                                          int4_gemv_triton, int8_gemv, int8_gemv_reference, int8_gemv_triton,
                                          quantize_int4, quantize_int8)
+from triforce.kernels._split_k import split_k_attention  # noqa: E402
 from triforce.kernels.rope_write import rope_write, rope_write_reference  # noqa: E402
 from triforce.kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                                decode_attention_triton)
@@ -182,6 +184,99 @@ def test_kernels_reject_odd_head_dim():
         pytest.skip("triton is not importable")
     with pytest.raises(ValueError):
         decode_attention_triton(rand(2, 1, 48), rand(2, 8, 48), rand(2, 8, 48))
+
+
+# ---------------------------------------------------------------- batched split-K: one launch, per-row lengths
+
+def batched_case(h, kvh, d, t, s, n_keys, sparse, dtype=torch.float32, seed=0, chunk=8, n_sel=3):
+    """B rows of different lengths; k/v one layer of a [B, L, KVH, S, D] store, lengths as device int32 [B].
+
+    Dense: row b's keys are [tail_start, tail_start + n_keys). Sparse: n_sel chunks below tail_start,
+    then a tail of n_keys[b] - n_sel * chunk tokens.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    b = len(n_keys)
+    q = rand(b, t, h, d, dtype=dtype, gen=gen).transpose(1, 2)  # token-major, as the model hands it over
+    store_k, store_v = rand(b, 2, kvh, s, d, dtype=dtype, gen=gen), rand(b, 2, kvh, s, d, dtype=dtype, gen=gen)
+    tail = [n - n_sel * chunk if sparse else n for n in n_keys]
+    ts = [(s - n) * (i + 1) // (b + 1) for i, n in enumerate(tail)]  # each row somewhere else in its store
+    ts = [max(x, n_sel * chunk) if sparse else x for x in ts]
+    idx = None
+    if sparse:
+        idx = torch.stack([torch.stack([torch.randperm(x // chunk, generator=gen)[:n_sel].sort().values
+                                        for _ in range(kvh)]) for x in ts]).to(DEV)
+    lens = [torch.tensor(x, dtype=torch.int32, device=DEV) for x in (n_keys, ts)]
+    return q, store_k[:, 1], store_v[:, 1], idx, ts, tail, lens
+
+
+def batched_want(q, k, v, idx, ts, tail, chunk=8):
+    """Row by row through the 3-D references."""
+    if idx is None:
+        return torch.stack([decode_attention_reference(q[i], k[i, :, x:x + n], v[i, :, x:x + n])
+                            for i, (x, n) in enumerate(zip(ts, tail))])
+    return torch.stack([sparse_attention_reference(q[i], k[i], v[i], idx[i], chunk, x, x + n)
+                        for i, (x, n) in enumerate(zip(ts, tail))])
+
+
+BATCHED_CASES = [  # t, sparse, num_splits, n_keys per row (S = 320)
+    (1, False, None, [1, 5, 97, 300]),  # a row of only its new token
+    (3, False, 3, [3, 5, 97, 300]),
+    (1, True, 2, [25, 29, 121, 300]),   # sparse: 3 chunks of 8, then tails of 1, 5, 97, 276
+    (3, True, 4, [27, 29, 121, 300]),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("t,sparse,splits,n_keys", BATCHED_CASES)
+def test_split_k_batched_per_row_lengths(t, sparse, splits, n_keys):
+    """GQA, rows of very different lengths from device int32 [B], splits planned for the longest row."""
+    q, k, v, idx, ts, tail, (nk_t, ts_t) = batched_case(4, 2, 32, t, 320, n_keys, sparse, seed=t)
+    out = torch.empty(len(n_keys), t, 4, 32, device=DEV).transpose(1, 2)  # token-major output
+    got = split_k_attention(q, k, v, max(n_keys), 0, idx, 8, num_splits=splits, out=out, n_keys_t=nk_t, tail_start_t=ts_t)
+    assert got is out
+    torch.testing.assert_close(got, batched_want(q, k, v, idx, ts, tail), **TOL)
+
+
+@needs_triton
+def test_split_k_batched_host_lengths_and_3d_agree():
+    """Host ints: every row shares n_keys / tail_start; each row equals the 3-D launch on it."""
+    q, k, v, idx, _, _, _ = batched_case(4, 2, 32, 2, 200, [90] * 3, True, seed=7)
+    got = split_k_attention(q, k, v, 90, 100, idx, 8, num_splits=2)
+    for i in range(3):
+        torch.testing.assert_close(got[i], split_k_attention(q[i], k[i], v[i], 90, 100, idx[i], 8, num_splits=2), **TOL)
+
+
+@needs_triton
+def test_split_k_batched_rejects_bad_shapes():
+    q, k, v, idx, _, _, (nk_t, ts_t) = batched_case(4, 2, 32, 1, 64, [30, 40], True)
+    run = functools.partial(split_k_attention, n_keys=40, tail_start=0, chunk=8)
+    with pytest.raises(ValueError, match="batch size"):
+        run(q, k[:1], v[:1], chunk_idx=idx)
+    with pytest.raises(ValueError, match="chunk_idx"):
+        run(q, k, v, chunk_idx=idx[0])
+    with pytest.raises(ValueError, match="chunk_idx"):
+        run(q, k, v, chunk_idx=idx[:1])
+    with pytest.raises(ValueError, match="n_keys_t"):
+        run(q, k, v, chunk_idx=idx, n_keys_t=nk_t[:1], tail_start_t=ts_t)
+    with pytest.raises(ValueError, match="tail_start_t"):
+        run(q, k, v, chunk_idx=idx, n_keys_t=nk_t, tail_start_t=ts_t[0])
+    with pytest.raises(ValueError, match="out"):
+        run(q, k, v, chunk_idx=idx, out=torch.empty_like(q[:1]))
+    with pytest.raises(ValueError, match="expected q"):
+        run(q, k[0], v[0], chunk_idx=idx)
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_gpu_split_k_batched(dtype, sparse):
+    """7B-like GQA (32 / 8 heads of 128) over rows from a few keys to 16K, T=5."""
+    n_keys = [5, 4100, 333, 16_000] if not sparse else [5 + 24, 4100, 333, 16_000]
+    q, k, v, idx, ts, tail, (nk_t, ts_t) = batched_case(32, 8, 128, 5, 16_384, n_keys, sparse, dtype=dtype)
+    got = split_k_attention(q, k, v, max(n_keys), 0, idx, 8, n_keys_t=nk_t, tail_start_t=ts_t)
+    want = batched_want(q.float(), k.float(), v.float(), idx, ts, tail)
+    torch.testing.assert_close(got.float(), want, **LOW.get(dtype, TOL))
 
 
 # ---------------------------------------------------------------- GPU: bigger shapes, bf16/fp16
@@ -368,6 +463,39 @@ def test_rope_write_matches_reference(h, kvh, d, t, s):
         rope_write(q, k, v, cos, sin, store[0], store[1], idx[:-1] if t > 1 else idx.repeat(2))
 
 
+def rope_write_batch_case(b, h, kvh, d, t, s, dtype=torch.float32, seed=0):
+    """B sequences at their own positions; the stores one layer of [B, L, KVH, S, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = rand(b, t, (h + 2 * kvh) * d, dtype=dtype, gen=gen)
+    q, k, v = (x.view(b, t, -1, d).transpose(1, 2) for x in qkv.split((h * d, kvh * d, kvh * d), -1))
+    ang = rand(b, t, d // 2, gen=gen) * 3
+    cos, sin = (torch.cat((f(ang), f(ang)), -1).to(dtype) for f in (torch.cos, torch.sin))
+    store = rand(2, b, 2, kvh, s, d, dtype=dtype, gen=gen)
+    idx = torch.stack([torch.randperm(s, generator=gen)[:t] for _ in range(b)]).to(DEV)
+    return q, k, v, cos, sin, store, idx
+
+
+@needs_triton
+@pytest.mark.parametrize("b,t", [(1, 1), (1, 4), (3, 1), (3, 4)])
+def test_rope_write_batched(b, t):
+    """GQA; each row rotated at its own positions and written to its own store rows; the batched
+    reference equals the one-sequence reference row by row; rows outside idx stay untouched."""
+    q, k, v, cos, sin, store, idx = rope_write_batch_case(b, 4, 2, 32, t, 12, seed=b * t)
+    want_store = store.clone()
+    want_q = torch.cat([rope_write_reference(q[i:i + 1], k[i:i + 1], v[i:i + 1], cos[i], sin[i],
+                                             want_store[0, i, 1], want_store[1, i, 1], idx[i]) for i in range(b)])
+    ref_store = store.clone()
+    torch.testing.assert_close(rope_write_reference(q, k, v, cos, sin, ref_store[0, :, 1], ref_store[1, :, 1], idx), want_q)
+    torch.testing.assert_close(ref_store, want_store)
+    got_q = rope_write(q, k, v, cos, sin, store[0, :, 1], store[1, :, 1], idx)
+    torch.testing.assert_close(got_q, want_q, **TOL)
+    torch.testing.assert_close(store, want_store, **TOL)
+    with pytest.raises(ValueError, match="do not match"):
+        rope_write(q, k, v, cos, sin, store[0, :, 1], store[1, :, 1], idx[:, :-1] if t > 1 else idx.repeat(1, 2))
+    with pytest.raises(ValueError, match="do not match"):
+        rope_write(q, k, v, torch.cat((cos, cos)), torch.cat((sin, sin)), store[0, :, 1], store[1, :, 1], idx)
+
+
 @gpu
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -377,6 +505,18 @@ def test_gpu_rope_write_low_precision(dtype):
     ref = [x.float() for x in (q, k, v, cos, sin, store)]
     want_q = rope_write_reference(*ref[:5], ref[5][0], ref[5][1], idx)
     got_q = rope_write(q, k, v, cos, sin, store[0], store[1], idx)
+    torch.testing.assert_close(got_q.float(), want_q, **LOW[dtype])
+    torch.testing.assert_close(store.float(), ref[5], **LOW[dtype])
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_rope_write_batched_low_precision(dtype):
+    q, k, v, cos, sin, store, idx = rope_write_batch_case(4, 32, 8, 128, 5, 4096, dtype=dtype, seed=4)
+    ref = [x.float() for x in (q, k, v, cos, sin, store)]
+    want_q = rope_write_reference(*ref[:5], ref[5][0, :, 1], ref[5][1, :, 1], idx)
+    got_q = rope_write(q, k, v, cos, sin, store[0, :, 1], store[1, :, 1], idx)
     torch.testing.assert_close(got_q.float(), want_q, **LOW[dtype])
     torch.testing.assert_close(store.float(), ref[5], **LOW[dtype])
 

@@ -78,12 +78,11 @@ def exact_joint(target, prompt, temperature, top_p):
 def first_token_dist(model, tier_list, prompt, temperature, top_p):
     """The bottom tier's exact distribution of the first token (to show the tiers differ)."""
     eng = SpeculativeEngine(tier_list, temperature, top_p, prefill_chunk=64)
-    eng.seq, eng.seq_len = torch.zeros(PROMPT + 8, dtype=torch.long), 0
-    eng._append(prompt)
+    eng._start([prompt], PROMPT + 8, [0])
     for t in tier_list:
         t.cache.reset()
     eng._prefill()
-    return eng._distributions(len(tier_list) - 1, 1)[0]
+    return eng._distributions(len(tier_list) - 1, 1)[0][0]
 
 
 class Alternating:
@@ -133,14 +132,13 @@ def tv_and_bound(emp: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     return 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
 
 
-def broken_verify(draft, q, p, generator=None):
+def broken_verify(draft, q, p, generators):
     """Resamples from p (not the residual) on rejection: biased towards the draft."""
-    g = draft.shape[0]
-    rows = torch.arange(g)
-    u = torch.rand(g, generator=generator)
-    accepted = u * q[rows, draft] < p[rows, draft]
-    n = int(accepted.cumprod(0).sum())
-    return n, sample(p[min(n, g)][None], generator)[0]
+    b, g = draft.shape
+    u = torch.stack([torch.rand(g, generator=gen) for gen in generators])
+    qx, px = q.gather(2, draft[..., None])[..., 0], p[:, :g].gather(2, draft[..., None])[..., 0]
+    n = (u * qx < px).cumprod(1).sum(1)
+    return n, torch.stack([sample(p[i, n[i]][None], generators[i])[0] for i in range(b)])
 
 
 CASES = [("retrieval", 1.0, 1.0, "retrieval", "bf16"), ("triforce", 1.0, 1.0, "retrieval", "bf16"),
@@ -165,7 +163,7 @@ def test_output_distribution_is_the_targets(setup, pipeline, temperature, top_p,
 
 def test_broken_verifier_is_detected(setup, monkeypatch):
     target, tiny, prompt = setup
-    monkeypatch.setattr(engine_mod, "speculative_verify", broken_verify)
+    monkeypatch.setattr(engine_mod, "speculative_verify_rows", broken_verify)
     truth = exact_joint(target, prompt, 1.0, 1.0)
     emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0)
     tv, bound = tv_and_bound(emp, truth)
@@ -183,7 +181,7 @@ def test_switching_configurations_between_rounds_is_lossless(setup, cycle):
 
 def test_broken_verifier_is_detected_when_switching(setup, monkeypatch):
     target, tiny, prompt = setup
-    monkeypatch.setattr(engine_mod, "speculative_verify", broken_verify)
+    monkeypatch.setattr(engine_mod, "speculative_verify_rows", broken_verify)
     truth = exact_joint(target, prompt, 1.0, 1.0)
     emp = empirical_joint(target, tiny, prompt, "triforce", 1.0, 1.0, cycle=CYCLE_SPEC_FIRST)
     tv, bound = tv_and_bound(emp, truth)

@@ -326,7 +326,7 @@ class Chooser:
         sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
         if getattr(cache, "select_next", False):  # the retrieval tier's one-off selection step
             s0 = time.perf_counter()
-            tier.distributions(ids[None, -1:], 1, engine.temperature, engine.top_p, gen)
+            tier.distributions(ids[None, -1:], 1, engine.temperature, engine.top_p, [gen])
             sync()
             extra["select_ms"] = 1e3 * (time.perf_counter() - s0)
             cache.truncate(base)
@@ -338,7 +338,7 @@ class Chooser:
                 cache.truncate(base)
                 sync()
                 s0 = time.perf_counter()
-                tier.distributions(tokens[None], t, engine.temperature, engine.top_p, gen if t == 1 else None)
+                tier.distributions(tokens[None], t, engine.temperature, engine.top_p, [gen] if t == 1 else None)
                 sync()
                 times.append(1e3 * (time.perf_counter() - s0))
             got[t] = min(times[1:])

@@ -56,6 +56,8 @@ class KVCache:
 
     shares_target_kv = False  # True: adopts the target's prefill instead of running its own
     graph_ready = False  # supports CUDA-graph capture of decode/verify steps
+    batch_shared: tuple[str, ...] = ()  # per-layer tensors `Rows.build` stores batch-major, [L, B, ...]
+    batch: dict | None = None  # those tensors for the whole batch, once built by `Rows.build`
 
     def __init__(self, model: Transformer):
         self.rotary = model.rotary
@@ -110,12 +112,143 @@ class KVCache:
     def reset(self) -> None:
         self.length = 0
 
+    @property
+    def rows(self) -> list["KVCache"]:
+        """The per-sequence caches behind this one: itself for a single sequence (see `Rows`)."""
+        return [self]
+
+    def device_view(self) -> tuple | None:
+        """Graph mode, after `begin`: this step's (cos, sin, write rows, key count, tail start), the
+        per-row inputs a batched step stacks; None where the cache has no batched device path."""
+        return None
+
+    def batch_keys(self, layer: int) -> tuple:
+        """Graph mode, batched: (store_k, store_v [B, KVH, S, D], key bound, chunk_idx [B, KVH, n] or
+        None) of `layer` for every row, read from the batch-major tensors."""
+        raise NotImplementedError
+
+
+class Rows(KVCache):
+    """B caches of one kind behind the interface of one, so one forward serves a batch of sequences.
+
+    Row b of a batched forward attends through `rows[b]`: its own lengths, positions, window and
+    selection, so rows of different lengths share every weight read while each attends exactly as
+    it would alone. The engine reads and rolls back each row's length through `rows`; the model
+    only calls begin / attend / advance, which go to every row. Graph mode and the host-side
+    graph hooks (prepare, can_replay, graph_key) are the rows' own, so a batched step is captured
+    like a single one (the per-row device scalars are read inside the graph).
+    """
+
+    def __init__(self, rows: list[KVCache]):
+        if not rows or len({type(r) for r in rows}) != 1:
+            raise ValueError("Rows needs one or more caches of one kind")
+        self._rows = list(rows)
+        self.shares_target_kv, self.graph_ready = rows[0].shares_target_kv, rows[0].graph_ready
+        self._step = None  # the stacked per-row device view of the current graph-mode step
+
+    @classmethod
+    def build(cls, make, batch: int) -> KVCache:
+        """`make(b)` for each row, as one cache (the row itself when batch is 1). The rows'
+        `batch_shared` tensors move into batch-major tensors [L, B, ...] as each row is made (so the
+        peak is the batch plus one row), each row keeping a view: a graph-mode step then reads every
+        row's layer through one kernel launch instead of one per row."""
+        first = make(0)
+        if batch == 1:
+            return first
+        big = {name: torch.empty((getattr(first, name).shape[0], batch) + tuple(getattr(first, name).shape[1:]),
+                                 dtype=getattr(first, name).dtype, device=getattr(first, name).device)
+               for name in first.batch_shared}
+        rows = []
+        for b in range(batch):
+            row = first if b == 0 else make(b)
+            for name, t in big.items():
+                t[:, b].copy_(getattr(row, name))
+                setattr(row, name, t[:, b])
+            row.batch = big
+            rows.append(row)
+        return cls(rows)
+
+    @property
+    def rows(self) -> list[KVCache]:
+        return self._rows
+
+    @property
+    def graph_mode(self) -> bool:
+        return self._rows[0].graph_mode
+
+    @graph_mode.setter
+    def graph_mode(self, on: bool) -> None:
+        for r in self._rows:
+            r.graph_mode = on
+
+    @property
+    def length(self) -> int:
+        raise AttributeError("a batch's rows have their own lengths: read cache.rows[b].length")
+
+    def __getattr__(self, name: str):
+        """Settings every row shares (budget, sinks, max_length, ...) read from the first row."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._rows[0], name)
+
+    def prepare(self, n_new: int) -> None:
+        for r in self._rows:
+            r.prepare(n_new)
+
+    def can_replay(self, n_new: int) -> bool:
+        return all(r.can_replay(n_new) for r in self._rows)
+
+    def graph_key(self) -> tuple:
+        return tuple(r.graph_key() for r in self._rows)
+
+    def begin(self, n_new: int) -> None:
+        for r in self._rows:
+            r.begin(n_new)
+        self._step = None
+        if self.graph_mode and self._rows[0].batch is not None:
+            views = [r.device_view() for r in self._rows]
+            keys = {r.graph_key()[:1] for r in self._rows}  # a selection's view kind must agree
+            if views[0] is not None and len(keys) == 1:
+                cos, sin, write, n_keys, tail = zip(*views)
+                self._step = (torch.stack(cos), torch.stack(sin), torch.stack(write),
+                              torch.cat([x.reshape(1) for x in n_keys]), torch.cat([x.reshape(1) for x in tail]))
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self._step is None:  # eager steps (and caches without a batched path): row by row
+            return torch.cat([r.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, r in enumerate(self._rows)])
+        from triforce.kernels._split_k import split_k_attention
+
+        cos, sin, write, n_keys, tail = self._step
+        store_k, store_v, bound, idx = self._rows[0].batch_keys(layer)
+        bound = max(bound, *(getattr(r, "max_keys", bound) for r in self._rows[1:])) if len(self._rows) > 1 else bound
+        q = rope_write(q, k, v, cos, sin, store_k, store_v, write)
+        b, h, t, d = q.shape
+        out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # token-major, as device_attention
+        return split_k_attention(q, store_k, store_v, bound, 0, idx, 1, out=out, n_keys_t=n_keys, tail_start_t=tail)
+
+    def advance(self, n_new: int) -> None:
+        for r in self._rows:
+            r.advance(n_new)
+
+    def truncate(self, length: int) -> None:
+        for r in self._rows:
+            r.truncate(length)
+
+    def begin_round(self) -> None:
+        for r in self._rows:
+            r.begin_round()
+
+    def reset(self) -> None:
+        for r in self._rows:
+            r.reset()
+
 
 class FullCache(KVCache):
     """Static, preallocated KV of every token: the target's cache (and the store retrieval reads)."""
 
     graph_ready = True
     device_resident = True  # the store is on the compute device (triforce.offload: host memory)
+    batch_shared = ("k", "v")
 
     def __init__(self, model: Transformer, max_length: int):
         super().__init__(model)
@@ -150,6 +283,12 @@ class FullCache(KVCache):
         self.k[layer, :, s:e] = k[0]
         self.v[layer, :, s:e] = v[0]
         return attention(q, self.k[layer, :, :e], self.v[layer, :, :e])
+
+    def device_view(self) -> tuple:
+        return self.cos, self.sin, self.pos_t, self.end_t, self.zero_t
+
+    def batch_keys(self, layer: int) -> tuple:
+        return self.batch["k"][layer], self.batch["v"][layer], self.max_length, None
 
     # the store API draft caches read through (OffloadedFullCache serves it from host memory + a tail mirror)
     def read(self, layer: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +330,7 @@ class StreamingCache(KVCache):
     """
 
     graph_ready = True
+    batch_shared = ("k", "v", "sink_k")
 
     def __init__(self, model: Transformer, sinks: int, window: int, slack: int = 64,
                  max_forward: int = 512, position_shift: bool = True):
@@ -302,6 +442,17 @@ class StreamingCache(KVCache):
             vals = torch.cat((self.v[layer, :, :n_sink], self.v[layer, :, a:b]), dim=1)
         return attention(q, keys, vals)
 
+    def device_view(self) -> tuple | None:
+        if not self.position_shift:
+            return None
+        return self.cos, self.sin, self.write_t, self.n_keys_t, self.view_start_t
+
+    def batch_keys(self, layer: int) -> tuple:
+        if self.sinks and "sink_idx" not in self.batch:
+            self.batch["sink_idx"] = self.sink_idx.expand(self.batch["k"].shape[1], -1, -1).contiguous()
+        return (self.batch["k"][layer], self.batch["v"][layer], self.max_keys,
+                self.batch["sink_idx"] if self.sinks else None)
+
     def truncate(self, length: int) -> None:
         if length < self.length and length < self.start and self.start > self.sinks:
             raise ValueError(f"streaming cache cannot roll back to {length}: tokens before {self.start} were "
@@ -325,6 +476,7 @@ class SelectionCache(KVCache):
 
     shares_target_kv = True
     graph_ready = True  # policies that attend to modified copies (quantized KV) set this False
+    batch_shared = ("sel_idx",)
 
     def __init__(self, full: FullCache, model: Transformer, budget: int, chunk_size: int = 8,
                  reselect: str | int = "once"):
@@ -431,6 +583,17 @@ class SelectionCache(KVCache):
         if self.full_view:
             return device_attention(q, store_k, store_v, self.n_keys_t, full.max_length, self.zero_t)
         return device_attention(q, store_k, store_v, self.n_keys_t, self.max_keys, self.boundary_t, self.sel_idx[layer])
+
+    def device_view(self) -> tuple | None:
+        if not self.full.device_resident or self.full.batch is None:
+            return None
+        return self.cos, self.sin, self.write_t, self.n_keys_t, self.zero_t if self.full_view else self.boundary_t
+
+    def batch_keys(self, layer: int) -> tuple:
+        store = self.full.batch
+        if self.full_view:
+            return store["k"][layer], store["v"][layer], self.full.max_length, None
+        return store["k"][layer], store["v"][layer], self.max_keys, self.batch["sel_idx"][layer]
 
     def graph_key(self) -> tuple:
         """What a captured graph baked in: the view kind, the planned key bound, the store's layout."""

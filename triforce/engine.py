@@ -10,6 +10,16 @@ distribution, so each level of verification is exact and the whole chain is loss
 With a `chooser` (triforce/auto.py) the list and the gammas may change between target rounds:
 the chooser calls `use` before a round, tiers switched in are brought up to date first, and the
 round itself runs exactly as with a fixed list.
+
+Batches: B sequences share every tier's forwards (`generate_batch`; a single sequence is a batch
+of one). Each row keeps its own length, cache lengths (`cache.rows`), random stream and stop; a
+forward feeds every row the same number T of tokens, the most any row lacks, so a row that lacks
+fewer feeds the last of its known tokens again (its cache rolled back by that much: the same
+keys are rewritten at the same positions). Verification accepts a different count per row. A
+level asked for n tokens runs rounds until every row has n and keeps exactly n per row: cutting
+a row's run of verified tokens at a point decided by the past only (here, the other rows'
+progress) leaves it distributed as the verifier's, as the overshoot cut of a single row does.
+Finished rows stay in the batch (their work is masked) until every row is done.
 """
 from __future__ import annotations
 
@@ -23,7 +33,10 @@ from tqdm import tqdm
 from triforce.cache import KVCache
 from triforce.models.llama import Transformer
 from triforce.models.quant import QuantTransformer, refuse_quantized_target
-from triforce.sampling import process_logits, sample, speculative_verify
+from triforce.sampling import draw_rows, process_logits, sample, speculative_verify_rows
+
+
+CATCH_UP_ALONE = 32  # a row lacking more tokens than this is fed alone before a shared forward
 
 
 @dataclass
@@ -37,6 +50,8 @@ class TierStats:
     seconds: float = 0.0
     events: list = field(default_factory=list)  # (start, end) CUDA events per forward (gpu_timing)
     accepts: list = field(default_factory=list)  # drafts accepted in each verification round, in order
+    row_proposed: list = field(default_factory=list)  # per row of a batch (only for batches of several)
+    row_accepted: list = field(default_factory=list)
 
     def summary(self, generated: int) -> dict:
         if self.events:  # the caller synchronised once; each pair spans one forward on the GPU's clock
@@ -65,16 +80,19 @@ class Tier:
     graphed: object = None  # a triforce.graphs.GraphedModel replaying this tier's steps, or None
 
     def distributions(self, tokens: torch.Tensor, last: int, temperature: float, top_p: float,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Feed `tokens`; processed distributions of the last `last` positions (None when 0) and,
-        with a generator, a token drawn from the last one. Graphed when a graph fits the step."""
+                      generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Feed `tokens` [B, T]; processed distributions [B, last, V] of the last `last` positions
+        (None when 0) and, with one generator per row, a token [B] drawn from each row's last one.
+        Graphed when a graph fits the step."""
         if self.graphed is not None and self.graphed.usable(tokens.shape[1], last):
-            return self.graphed.distributions(tokens, last, temperature, top_p, generator)
+            return self.graphed.distributions(tokens, last, temperature, top_p, generators)
         logits = self.model(tokens, self.cache, last=last)
         if not last:
             return None, None
-        p = process_logits(logits[0], temperature, top_p)
-        return p, (sample(p[-1:], generator)[0] if generator is not None else None)
+        p = process_logits(logits.flatten(0, 1), temperature, top_p).view(logits.shape)
+        if generators is None:
+            return p, None
+        return p, sample(p[:, -1], uniform=draw_rows(p.shape[-1], p.device, generators))
 
 
 class SpeculativeEngine:
@@ -109,34 +127,107 @@ class SpeculativeEngine:
         self.chooser = chooser
         self.catch_up_seconds, self.catch_up_tokens = 0.0, 0
 
-    # -------------------------------------------------------------------------------- one forward
-    def _distributions(self, level: int, n_rows: int, draw: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tier `level`'s processed distributions for the last `n_rows` positions of the sequence,
-        and with `draw` a token sampled from the last of them.
+    # -------------------------------------------------------------------------------- the rows
+    @property
+    def seq(self) -> torch.Tensor:
+        """The first row's token buffer: the whole state of a single sequence."""
+        return self.seqs[0]
 
-        Feeds every token the tier's cache lacks (the prefill too, in chunks); rows come back for
-        positions seq_len - n_rows + 1 .. seq_len, i.e. predictions of the tokens after them.
+    @property
+    def seq_len(self) -> int:
+        """The first row's length."""
+        return self.lens[0]
+
+    def _start(self, prompts: list[torch.Tensor], capacity: int, seeds: list[int]) -> None:
+        """Token buffers, lengths and one random stream per row."""
+        self.batch = len(prompts)
+        self.seqs = torch.zeros(self.batch, capacity, dtype=torch.long, device=self.device)
+        for b, prompt in enumerate(prompts):
+            self.seqs[b, :prompt.numel()] = prompt.to(self.device)
+        self.lens = [p.numel() for p in prompts]
+        # a batch's lengths live on the device too, so its token windows and appends need no copy from the host
+        self.lens_t = torch.tensor(self.lens, device=self.device) if self.batch > 1 else None
+        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
+        self.spare = torch.Generator(device=self.device).manual_seed(0)  # draws of rows whose results are discarded
+        self.live = [True] * self.batch  # rows still generating (the top level's mask)
+
+    def _positions(self, starts: torch.Tensor, t: int) -> torch.Tensor:
+        """Positions starts[b] + 0 .. t-1 of every row, [B, t]."""
+        if getattr(self, "_steps", None) is None or self._steps.numel() < t:
+            self._steps = torch.arange(max(t, 64), device=self.device)
+        return starts[:, None] + self._steps[:t]
+
+    def _window(self, t: int) -> torch.Tensor:
+        """The last t tokens of every row, [B, t]."""
+        if self.batch == 1:
+            n = self.lens[0]
+            return self.seqs[:, n - t:n]
+        return self.seqs.gather(1, self._positions(self.lens_t - t, t))
+
+    def _span(self, starts: list[int], starts_t: torch.Tensor | None, n: int) -> torch.Tensor:
+        """Tokens starts[b] .. starts[b] + n - 1 of every row, [B, n]."""
+        if self.batch == 1:
+            return self.seqs[:, starts[0]:starts[0] + n]
+        return self.seqs.gather(1, self._positions(starts_t, n))
+
+    def _push(self, tokens: torch.Tensor) -> None:
+        """Append one token per row (tokens [B])."""
+        if self.batch == 1:
+            self.seqs[0, self.lens[0]] = tokens[0]
+            self.lens[0] += 1
+            return
+        self.seqs.scatter_(1, self.lens_t[:, None], tokens[:, None])
+        self.lens_t += 1
+        self.lens = [n + 1 for n in self.lens]
+
+    def _set_lens(self, lens: list[int], lens_t: torch.Tensor | None) -> None:
+        self.lens = list(lens)
+        if self.batch > 1:
+            self.lens_t = lens_t
+
+    def _invalidate(self, from_level: int, lengths: list[int]) -> None:
+        """Roll every row of the tiers from `from_level` down back to `lengths`."""
+        for t in self.tiers[from_level:]:
+            for cache, n in zip(t.cache.rows, lengths):
+                cache.truncate(n)
+
+    # -------------------------------------------------------------------------------- one forward
+    def _distributions(self, level: int, n_rows: int, draw: bool | list[bool] = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tier `level`'s processed distributions [B, n_rows, V] for the last `n_rows` positions of
+        every row, and with `draw` a token [B] sampled from each row's last one.
+
+        Feeds every token the tier's caches lack (the prefill too, in chunks); rows come back for
+        positions len - n_rows + 1 .. len, i.e. predictions of the tokens after them. `draw` may
+        name the rows that draw from their own streams (the others use a throwaway one). All rows of
+        a batch are fed the same number of tokens, the most any row lacks; a row far behind the
+        others (more than `CATCH_UP_ALONE` tokens) is first brought up alone.
         """
         tier = self.tiers[level]
-        cache = tier.cache
-        cache.truncate(self.seq_len - n_rows)
+        rows = tier.cache.rows
+        for b, cache in enumerate(rows):
+            cache.truncate(self.lens[b] - n_rows)
+            if self.batch > 1 and self.lens[b] - n_rows - cache.length > CATCH_UP_ALONE:
+                self._feed_row(tier, b, self.lens[b] - n_rows)
+        t = max(n - cache.length for n, cache in zip(self.lens, rows))
+        if self.batch > 1:
+            for n, cache in zip(self.lens, rows):
+                cache.truncate(n - t)  # a row lacking fewer tokens feeds its last known ones again
         if self.sync_timing:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if self.gpu_timing:
             ev0 = torch.cuda.Event(enable_timing=True)
             ev0.record()
-        start = cache.length
-        tier.stats.tokens_forwarded += self.seq_len - start
-        rows, token = [], None
-        while start < self.seq_len:
-            end = min(self.seq_len, start + self.prefill_chunk)
-            keep = max(0, n_rows - (self.seq_len - end))
-            gen = self.generator if draw and end == self.seq_len else None
-            p, token = tier.distributions(self.seq[None, start:end], keep, self.temperature, self.top_p, gen)
+        tier.stats.tokens_forwarded += t * self.batch
+        window = self._window(t)
+        out, token = [], None
+        for start in range(0, t, self.prefill_chunk):
+            end = min(t, start + self.prefill_chunk)
+            keep = max(0, n_rows - (t - end))
+            gens = None if not draw or end < t else self._streams(draw if isinstance(draw, list) else [True] * self.batch)
+            p, token = tier.distributions(window[:, start:end], keep, self.temperature, self.top_p, gens)
             if keep:
-                rows.append(p)
-            start = end
+                out.append(p)
         if self.sync_timing:
             torch.cuda.synchronize()
         if self.gpu_timing:
@@ -145,67 +236,108 @@ class SpeculativeEngine:
             tier.stats.events.append((ev0, ev1))
         tier.stats.seconds += time.perf_counter() - t0
         tier.stats.forwards += 1
-        return (rows[0] if len(rows) == 1 else torch.cat(rows)), token
+        return (out[0] if len(out) == 1 else torch.cat(out, dim=1)), token
 
-    def _append(self, tokens: torch.Tensor) -> None:
-        n = tokens.numel()
-        self.seq[self.seq_len:self.seq_len + n] = tokens
-        self.seq_len += n
-
-    def _invalidate(self, from_level: int, length: int) -> None:
-        for t in self.tiers[from_level:]:
-            t.cache.truncate(length)
+    def _feed_row(self, tier: Tier, b: int, upto: int) -> int:
+        """Feed row b of `tier` alone, in prefill chunks, up to position `upto`; tokens fed."""
+        cache = tier.cache.rows[b]
+        fed = max(0, upto - cache.length)
+        for start in range(cache.length, upto, self.prefill_chunk):
+            end = min(upto, start + self.prefill_chunk)
+            tier.model(self.seqs[b:b + 1, start:end], cache, last=0)
+        return fed
 
     # -------------------------------------------------------------------------------- recursion
-    def _propose(self, level: int, n: int, on_tokens=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append n tokens drawn from tier `level`'s distribution; return them and those distributions.
+    def _propose(self, level: int, n: int, on_tokens=None, active: list[bool] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append n tokens to every row, drawn from tier `level`'s distribution; return them [B, n]
+        and those distributions [B, n, V] (None at the top level, where nobody verifies them).
 
         At the last tier this is plain sampling; above it, speculative rounds against the tier
-        below. `on_tokens` (top level only) sees each new batch and may stop early (EOS).
+        below. `on_tokens(starts)` (top level only) sees each round's new tokens, row b's from
+        position starts[b], and updates `self.live` (rows not yet done: EOS or their token limit).
+        Rows not `active` (their result is discarded above) and rows that already have n tokens
+        ride along in the forwards but draw nothing from their random streams and count in no
+        statistic: each row then consumes exactly the draws, and runs exactly the rounds, of a
+        single run of its own, so a batch row equals that run (up to floating-point reassociation).
         """
         tier = self.tiers[level]
-        start0 = self.seq_len
-        dists = []
-        while self.seq_len - start0 < n:
+        batch = self.batch
+        active = [True] * batch if active is None else active
+        start0, start0_t = list(self.lens), (self.lens_t.clone() if batch > 1 else None)
+        keep_dists = level > 0
+        steps, dists = [], [[] for _ in range(batch)]
+        while True:
+            live = (list(self.live) if on_tokens is not None else
+                    [a and m - s < n for a, m, s in zip(active, self.lens, start0)])
+            if not any(live):
+                break
             if level == 0 and self.chooser is not None:
                 self.chooser.between_rounds(self)  # may change self.tiers and gammas; tier 0 stays
             tier.cache.begin_round()
-            start = self.seq_len
+            start, start_t = list(self.lens), (self.lens_t.clone() if batch > 1 else None)
             if level == len(self.tiers) - 1:
-                p, token = self._distributions(level, 1, draw=True)
-                self._append(self._agree(token[None]))
-                dists.append(p)
+                p, token = self._distributions(level, 1, draw=live)
+                self._push(self._agree(token))
+                if keep_dists:
+                    steps.append(p)
             else:
                 g = tier.gamma
-                draft, q = self._propose(level + 1, g)
+                draft, q = self._propose(level + 1, g, active=live)
                 p, _ = self._distributions(level, g + 1)
+                gens = self._streams(live)
                 rate = self._injected_rate(level)
                 if rate is not None:
-                    n_acc = self._injected(level, rate, g)
-                    nxt = sample(p[n_acc][None], self.generator)[0]
+                    n_t = self._injected(level, rate, g)
+                    nxt = sample(p[torch.arange(batch, device=p.device), n_t],
+                                 uniform=draw_rows(p.shape[-1], p.device, gens))
                 else:
-                    n_acc, nxt = speculative_verify(draft, q, p, self.generator)
+                    n_t, nxt = speculative_verify_rows(draft, q, p, gens)
                 if self.group is not None:
-                    verdict = self._agree(torch.stack((torch.tensor(n_acc, device=nxt.device), nxt)))
-                    n_acc, nxt = int(verdict[0]), verdict[1]
-                tier.stats.proposed += g
-                tier.stats.accepted += n_acc
-                tier.stats.rejections += int(n_acc < g)
-                tier.stats.rounds += 1
-                tier.stats.accepts.append(n_acc)
-                self.seq_len = start + n_acc
-                self._invalidate(level, start + n_acc)
-                self._append(nxt[None])
-                dists.append(p[:n_acc + 1])
-            if on_tokens is not None and on_tokens(self.seq[start:self.seq_len]):
-                break
-        dists = dists[0] if len(dists) == 1 else torch.cat(dists)
-        if self.seq_len - start0 > n:  # a round overshot: keep the first n (still exactly distributed)
-            dists = dists[:n]
-            self.seq_len = start0 + n
-            self._invalidate(level, start0 + n)
-        # the tokens are the sequence's own: valid until the caller appends past them
-        return self.seq[start0:self.seq_len], dists
+                    verdict = self._agree(torch.cat((n_t, nxt)))
+                    n_t, nxt = verdict[:batch], verdict[batch:]
+                n_acc = n_t.tolist()  # the round's one host sync
+                st = tier.stats
+                for b, a in enumerate(n_acc):
+                    if live[b]:
+                        st.proposed += g
+                        st.accepted += a
+                        st.rejections += int(a < g)
+                        st.rounds += 1  # one verification per row
+                        st.accepts.append(a)
+                        if batch > 1:
+                            st.row_proposed[b] += g
+                            st.row_accepted[b] += a
+                lens = [s + a for s, a in zip(start, n_acc)]
+                self._set_lens(lens, start_t + n_t if batch > 1 else None)
+                self._invalidate(level, lens)
+                self._push(nxt)
+                if keep_dists:
+                    for b, a in enumerate(n_acc):
+                        if live[b]:
+                            dists[b].append(p[b, :a + 1])
+            if on_tokens is not None:
+                on_tokens(start)
+        if on_tokens is not None:
+            return self._span(start0, start0_t, 0), None
+        if any(m - s != n for m, s in zip(self.lens, start0)):  # a round overshot: keep the first n (still exactly distributed)
+            lens = [s + n for s in start0]
+            self._set_lens(lens, start0_t + n if batch > 1 else None)
+            self._invalidate(level, lens)
+        if not keep_dists:
+            out = None
+        elif steps:
+            out = steps[0] if len(steps) == 1 else torch.cat(steps, dim=1)
+            out = out[:, :n]
+        else:  # rows that never ran here (discarded above) get zeros: nobody reads them
+            blank = torch.zeros_like(next(d for d in dists if d)[0][:1]).expand(n, -1)
+            out = torch.stack([(d[0] if len(d) == 1 else torch.cat(d))[:n] if d else blank for d in dists])
+        # the tokens are the rows' own: valid until the caller appends past them
+        return self._span(start0, start0_t, n), out
+
+    def _streams(self, live: list[bool]) -> list[torch.Generator]:
+        """The rows' random streams, a throwaway one for rows whose draws are discarded."""
+        return [g if a else self.spare for g, a in zip(self.generators, live)]
 
     def _agree(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` on every tensor-parallel rank (in place; a no-op without a group).
@@ -227,14 +359,13 @@ class SpeculativeEngine:
             return None
         return inj.get(level, inj.get((self.tiers[level].name, self.tiers[level + 1].name)))
 
-    def _injected(self, level: int, rate: float, g: int) -> int:
-        """Accepted drafts of a round of tier `level` at an injected per-token rate (a benchmark
-        may replay recorded counts per level instead)."""
-        ok = torch.rand(g, generator=self.generator, device=self.device) < rate
-        return int(ok.cumprod(0).sum())
+    def _injected(self, level: int, rate: float, g: int) -> torch.Tensor:
+        """Accepted drafts [B] of a round of tier `level` at an injected per-token rate (a benchmark
+        may replay recorded counts per level instead). Drawn from the first row's stream."""
+        ok = torch.rand(self.batch, g, generator=self.generators[0], device=self.device) < rate
+        return ok.cumprod(1).sum(1)
 
     # -------------------------------------------------------------------------------- public
-    @torch.inference_mode()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int] | None = None,
                  seed: int = 0, callback=None, progress: bool = False, token_progress: bool | None = None) -> list[int]:
         """Generate up to max_new_tokens after `prompt` (1-D ids); stops after a token in stop_ids.
@@ -243,45 +374,94 @@ class SpeculativeEngine:
         `callback(list_of_new_ids)` streams tokens as the target accepts them; `progress` shows
         tqdm bars for the prefill and (unless `token_progress` is False) the generated tokens.
         """
+        rows_callback = (lambda b, ids: callback(ids)) if callback is not None else None
+        return self.generate_batch([prompt], max_new_tokens, stop_ids, [seed], rows_callback, progress, token_progress)[0]
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int],
+                       stop_ids: set[int] | None = None, seeds: list[int] | None = None, callback=None,
+                       progress: bool = False, token_progress: bool | None = None) -> list[list[int]]:
+        """Generate after each of `prompts` (1-D ids) in one batch: every tier's forward serves all rows.
+
+        Each tier's cache must hold one row per prompt (`Rows`, or a plain cache for one prompt).
+        Row b stops after a token in stop_ids or max_new_tokens[b] tokens, is seeded with seeds[b]
+        (default b) and is distributed exactly as a single run of its prompt; a finished row stays
+        in the batch, rolled back each round, until all are done. `callback(b, new_ids)` streams.
+        """
         stop_ids = stop_ids or set()
+        batch = len(prompts)
+        if batch < 1:
+            raise ValueError("generate_batch needs at least one prompt")
+        maxes = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        seeds = list(range(batch)) if seeds is None else list(seeds)
+        if len(maxes) != batch or len(seeds) != batch:
+            raise ValueError(f"{batch} prompts need {batch} max_new_tokens and seeds")
         chooser = self.chooser
+        if chooser is not None and batch > 1:
+            raise ValueError("adaptive speculation (a chooser) runs one sequence at a time")
+        for t in (chooser.tiers if chooser is not None else self.tiers):
+            if len(t.cache.rows) != batch:
+                raise ValueError(f"tier {t.name!r} has caches for {len(t.cache.rows)} rows, the batch has {batch}")
         depth = chooser.max_depth if chooser is not None else sum(t.gamma for t in self.tiers[:-1]) + 2
-        self.seq = torch.zeros(prompt.numel() + max_new_tokens + depth, dtype=torch.long, device=self.device)
-        self.seq_len = 0
-        self._append(prompt.to(self.device))
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self._start(prompts, max(p.numel() + m for p, m in zip(prompts, maxes)) + depth, seeds)
         for t in (chooser.tiers if chooser is not None else self.tiers):
             t.cache.reset()
-            t.stats = TierStats()
+            t.stats = TierStats(row_proposed=[0] * batch, row_accepted=[0] * batch) if batch > 1 else TierStats()
         if chooser is not None:
             self.tiers = self.tiers[:1]  # the target alone until the chooser has decided
         self.catch_up_seconds, self.catch_up_tokens = 0.0, 0
-        out: list[int] = []
+        outs: list[list[int]] = [[] for _ in range(batch)]
+        done, frozen = [False] * batch, [0] * batch
+        self.finish_seconds = [None] * batch  # when each row finished, from the end of the prefill
         token_progress = progress if token_progress is None else token_progress
-        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", disable=not token_progress, leave=False)
+        bar = tqdm(total=sum(maxes), desc="generate", unit="tok", disable=not token_progress, leave=False)
 
-        def on_tokens(new: torch.Tensor) -> bool:
-            first, done = len(out), False
-            for tok in new.tolist():
-                out.append(tok)
-                if tok in stop_ids or len(out) >= max_new_tokens:
-                    done = True
-                    break
-            bar.update(len(out) - first)
-            if callback:
-                callback(out[first:])
-            return done
+        def on_tokens(starts: list[int]) -> None:
+            if batch == 1:
+                new = [self.seqs[0, starts[0]:self.lens[0]].tolist()]
+            else:  # one copy to the host for all rows
+                lo = min(starts)
+                block = self.seqs[:, lo:max(self.lens)].tolist()
+                new = [block[b][starts[b] - lo:self.lens[b] - lo] for b in range(batch)]
+            moved = 0
+            for b in range(batch):
+                if done[b]:
+                    continue
+                first = len(outs[b])
+                for i, tok in enumerate(new[b]):
+                    outs[b].append(tok)
+                    if tok in stop_ids or len(outs[b]) >= maxes[b]:
+                        done[b], frozen[b] = True, starts[b] + i + 1
+                        self.live[b] = False
+                        self.finish_seconds[b] = time.perf_counter() - self._decode_start
+                        break
+                moved += len(outs[b]) - first
+                if callback and len(outs[b]) > first:
+                    callback(b, outs[b][first:])
+            bar.update(moved)
+            if not all(done):
+                self._hold(done, frozen)
 
-        # prefill: the target (and every tier with its own KV) absorbs the prompt but its last token
+        # prefill: the target (and every tier with its own KV) absorbs each prompt but its last token
         self._prefill(progress)
         if chooser is not None:  # measures step costs on first use (reported, not decode time), picks a start
             chooser.start(self)
-        self._propose(0, max_new_tokens, on_tokens)
+        self._decode_start = time.perf_counter()
+        self._propose(0, max(maxes), on_tokens)
         bar.close()
-        return out
+        return outs
+
+    def _hold(self, done: list[bool], frozen: list[int]) -> None:
+        """Roll finished rows back to where they stopped: they keep riding along, masked, without growing."""
+        for b in range(self.batch):
+            if done[b] and self.lens[b] != frozen[b]:
+                self.lens[b] = frozen[b]
+                self.lens_t[b] = frozen[b]
+                for t in self.tiers:
+                    t.cache.rows[b].truncate(frozen[b])
 
     def _prefill(self, progress: bool = False) -> None:
-        """Every tier absorbs the prompt but its last token; tiers reading the target's KV adopt it."""
+        """Every tier absorbs the prompts but their last tokens; tiers reading the target's KV adopt it."""
         t0 = time.perf_counter()
         for tier in self.tiers:
             self._bring_up(tier, progress)
@@ -290,17 +470,21 @@ class SpeculativeEngine:
         self.prefill_seconds = time.perf_counter() - t0
 
     def _bring_up(self, tier: Tier, progress: bool = False) -> int:
-        """Feed `tier` every token before the last one that its cache lacks (the prefill, or the
-        catch-up of a tier switched in mid-run). A cache reading the target's KV adopts it once;
-        afterwards it reads the target's store for whatever it missed, so feeding it is cheap."""
-        n = self.seq_len - 1
-        if tier is not self.tiers[0] and tier.cache.length == 0 and tier.cache.adopt_prefix(n):
-            return 0
-        fed = max(0, n - tier.cache.length)
-        chunks = range(tier.cache.length, n, self.prefill_chunk)
-        for start in tqdm(chunks, desc=f"prefill {tier.name}", disable=not progress or len(chunks) < 8, leave=False):
-            end = min(n, start + self.prefill_chunk)
-            tier.model(self.seq[None, start:end], tier.cache, last=0)
+        """Feed `tier` every token before each row's last one that its caches lack (the prefill, or
+        the catch-up of a tier switched in mid-run), row by row. A cache reading the target's KV
+        adopts it once; afterwards it reads the target's store for whatever it missed, so feeding
+        it is cheap. Returns the tokens fed."""
+        fed = 0
+        for b, cache in enumerate(tier.cache.rows):
+            n = self.lens[b] - 1
+            if tier is not self.tiers[0] and cache.length == 0 and cache.adopt_prefix(n):
+                continue
+            chunks = range(cache.length, n, self.prefill_chunk)
+            desc = f"prefill {tier.name}" + (f" (row {b})" if self.batch > 1 else "")
+            for start in tqdm(chunks, desc=desc, disable=not progress or len(chunks) < 8, leave=False):
+                end = min(n, start + self.prefill_chunk)
+                fed += end - start
+                tier.model(self.seqs[b:b + 1, start:end], cache, last=0)
         return fed
 
     def bring_up_now(self, tier: Tier) -> None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from triforce import auto
 from triforce import tp as tpar
-from triforce.cache import FullCache, StreamingCache
+from triforce.cache import FullCache, KVCache, Rows, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.kernels.quant_gemv import check_group_size
 from triforce.lookup import LookupCache, PromptLookup
@@ -265,8 +265,9 @@ class Generator:
             if dtok.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError(f"draft tokenizer in {draft_dir} differs from the target's: speculation needs one tokenizer")
 
-    def plan_memory(self, capacity: int, new_tokens: int):
-        """What fits on this GPU (or `gpu_memory_gb`): resident vs offloaded target KV, retrieval budget.
+    def plan_memory(self, capacity: int, new_tokens: int, batch: int = 1):
+        """What fits on this GPU (or `gpu_memory_gb`): resident vs offloaded target KV, retrieval budget;
+        with `batch` rows of `capacity` tokens each (never offloaded).
 
         Under tensor parallelism the plan is per rank: this rank's shard of the weights and KV,
         its GPU, and its share of the host's memory (`host_memory_gb` is per rank when given).
@@ -294,7 +295,8 @@ class Generator:
             selection_copies=bool(cfg.cache.get("kv_bits")) or str(cfg.cache.policy).startswith("squeeze"),
             chunk_summaries=str(cfg.cache.policy).endswith("quest") or (
                 str(cfg.cache.policy).endswith("retrieval") and str(cfg.cache.get("reselect", "once")) != "once"),
-            cuda_graphs=bool(cfg.cuda_graphs), draft_gamma=max(self.auto.draft_gammas) if self.has_retrieval and self.has_tiny else None)
+            cuda_graphs=bool(cfg.cuda_graphs), draft_gamma=max(self.auto.draft_gammas) if self.has_retrieval and self.has_tiny else None,
+            batch=batch)
 
     def _check_memory(self, needed: int, what: str) -> None:
         free, _ = torch.cuda.mem_get_info(self.device)
@@ -312,10 +314,12 @@ class Generator:
             return self.tokenizer.encode(text, add_special_tokens=False)
         return self.tokenizer.encode(prompt)
 
-    def tiers(self, capacity: int, prompt_len: int, plan=None) -> list[Tier]:
+    def tiers(self, capacity: int, prompt_len: int, plan=None, batch: int = 1) -> list[Tier]:
         """The pipeline as a list of tiers, target first; caches sized for `capacity` tokens.
 
-        Tiers (and their CUDA graphs) are reused by later calls that fit in the same capacity.
+        With `batch` > 1 every tier's cache is a `Rows` of one cache per sequence (the middle tier's
+        row b reads the target's row b). Tiers (and their CUDA graphs) are reused by later calls
+        that fit in the same capacity and batch.
         """
         cfg = self.cfg
         budget = cfg.cache.budget
@@ -323,31 +327,39 @@ class Generator:
             log.warning("cache.budget (%d) covers the whole prompt (%d tokens): the %s tier attends to "
                         "everything, so it is a copy of the target (no speedup); lower cache.budget",
                         budget, prompt_len, cfg.cache.policy)
-        if self._tiers is not None and self._tiers[0].cache.max_length >= capacity:
+        if (self._tiers is not None and self._tiers[0].cache.max_length >= capacity
+                and len(self._tiers[0].cache.rows) == batch):
             return self._tiers
         self._tiers, self._middles = None, {}
         offload = plan.offload if plan is not None else str(cfg.get("offload", "auto")).lower() == "true"
+        if offload and batch > 1:
+            raise ValueError("offloading runs one sequence at a time: use offload=auto or false for several prompts")
+        self.batch = batch
+
+        def rows(make) -> KVCache:
+            return Rows.build(make, batch)
+
         if offload:  # on CPU this exercises the same staging code with host tensors
             from triforce.offload import OffloadedFullCache
 
             full = (OffloadedFullCache(self.model, capacity, plan.resident_layers, plan.transfer_chunk)
                     if plan is not None else OffloadedFullCache(self.model, capacity))
         else:
-            full = FullCache(self.model, capacity)
+            full = rows(lambda b: FullCache(self.model, capacity))
         self._full = full
         tiers = [Tier("target", self.model, full, gamma=self.auto.gammas[0])]
         self._graph(tiers[0], "target")
         if self.has_retrieval and not self.auto.budget_auto:  # with cache.budget=auto the chooser asks middle_tier()
             tiers.append(self.middle_tier(budget))
         if isinstance(self.draft, PromptLookup):
-            tiers.append(Tier("lookup", self.draft, LookupCache(capacity, self.device)))
+            tiers.append(Tier("lookup", self.draft, rows(lambda b: LookupCache(capacity, self.device))))
         elif self.draft_cache == "full":
-            tiers.append(Tier("tiny", self.draft, FullCache(self.draft, capacity)))
+            tiers.append(Tier("tiny", self.draft, rows(lambda b: FullCache(self.draft, capacity))))
         elif self.draft_cache == "streaming":
             d = cfg.draft
-            stream = StreamingCache(self.draft, d.sinks, d.window, slack=self.auto.depth + 6,
-                                    max_forward=max(cfg.prefill_chunk, max(self.auto.draft_gammas) + 1),
-                                    position_shift=d.position_shift)
+            stream = rows(lambda b: StreamingCache(self.draft, d.sinks, d.window, slack=self.auto.depth + 6,
+                                                   max_forward=max(cfg.prefill_chunk, max(self.auto.draft_gammas) + 1),
+                                                   position_shift=d.position_shift))
             tiers.append(Tier("tiny", self.draft, stream))
         if self.has_tiny:
             self._graph(tiers[-1], "draft")
@@ -367,7 +379,8 @@ class Generator:
                 budget = plan.budget  # what fits the GPU (the planner lowers it if needed)
             from triforce.policies import make_policy
 
-            mid = make_policy(policy, self._full, self.model, budget, chunk, reselect, **c)
+            fulls = self._full.rows
+            mid = Rows.build(lambda b: make_policy(policy, fulls[b], self.model, budget, chunk, reselect, **c), len(fulls))
             # the tier runs the target's weights or their quantized view; its policy sees the target (hooks)
             self._middles[budget] = self._graph(Tier(policy, self.middle, mid, gamma=self.auto.draft_gammas[0]), "middle")
         return self._middles[budget]
@@ -405,7 +418,8 @@ class Generator:
         stream = stream and self.rank == 0
         capacity = len(ids) + max_new_tokens + self.auto.depth
         plan = None
-        if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity):
+        if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity
+                                           or len(self._tiers[0].cache.rows) != 1):
             self._tiers = None  # free the old caches before planning new ones
             plan = self.plan = self.plan_memory(capacity, max_new_tokens)
             log.info(plan.describe())
@@ -456,8 +470,11 @@ class Generator:
                       progress: bool = False) -> list[GenerationResult]:
         """One result per prompt. Every row is checked (empty, over the context, bad settings) before the
         first one runs, and each error names the row's index. Each row's output is distributed exactly as
-        the target's for that prompt alone (greedy rows equal single-prompt greedy output): today the rows
-        run one after another through the same engine; forwards shared across rows are not built yet.
+        the target's for that prompt alone (greedy rows equal single-prompt greedy output).
+
+        Rows with the same temperature and top_p are decoded together, `batch_size` at a time (auto: as
+        many as fit the GPU), sharing every tier's forwards; under pipeline=auto, offloading or tensor
+        parallelism they run one after another.
         """
         rows = normalize_rows(prompts)
         cfg = self.cfg
@@ -472,19 +489,101 @@ class Generator:
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
             jobs.append((ids, n, t, p, row.get("seed", base_seed + i)))
-        if self.device.type == "cuda":  # the longest row must fit before any row runs (the error says what it needs)
-            i = max(range(len(jobs)), key=lambda k: len(jobs[k][0]) + jobs[k][1])
-            try:
-                self.plan_memory(len(jobs[i][0]) + jobs[i][1] + self.auto.depth, jobs[i][1])
-            except ValueError as e:
-                raise ValueError(f"prompt {i} (the longest): {e}") from None
+        batches = self._batches(jobs)
         bar = tqdm(total=len(jobs), desc="prompts", unit="prompt", disable=not progress, leave=False)
-        out = []
-        for ids, n, t, p, s in jobs:
-            out.append(self.generate(ids, n, t, p, s))
-            bar.update(1)
+        out: list[GenerationResult | None] = [None] * len(jobs)
+        for group in batches:
+            if len(group) == 1:
+                ids, n, t, p, s = jobs[group[0]]
+                out[group[0]] = self.generate(ids, n, t, p, s)
+            else:
+                for i, r in zip(group, self._generate_batch([jobs[i] for i in group], progress)):
+                    out[i] = r
+            bar.update(len(group))
         bar.close()
         return out
+
+    def batch_size(self, capacity: int, new_tokens: int, rows: int) -> int:
+        """How many rows of up to `capacity` tokens decode together: `batch_size`, or with auto as many
+        as the memory planner fits on the GPU (every row on CPU). A batch that cannot fit raises the
+        planner's error (GiB needed per row and available) before any heavy work."""
+        size = self.cfg.get("batch_size", "auto")
+        if str(size) != "auto":
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"batch_size must be auto or an integer >= 1, got {size!r}")
+            size = min(size, rows)
+            if self.device.type == "cuda" and size > 1:
+                self.plan_memory(capacity, new_tokens, size)  # raises with the size needed
+            return size
+        if self.device.type != "cuda":
+            return rows
+        from triforce.planner import rows_that_fit
+
+        fit = rows_that_fit(lambda b: self.plan_memory(capacity, new_tokens, b), rows)
+        if fit < 1:
+            self.plan_memory(capacity, new_tokens, 1)  # raises with the size needed
+        return max(1, fit)
+
+    def _batches(self, jobs: list[tuple]) -> list[list[int]]:
+        """Row indices grouped into the batches that run: same sampling settings, at most batch_size
+        rows, longest rows first (the first batch then plans the largest caches)."""
+        batchable = not self.auto.adaptive and self.tp == 1 and str(self.cfg.get("offload", "auto")).lower() != "true"
+        order = sorted(range(len(jobs)), key=lambda i: -(len(jobs[i][0]) + jobs[i][1]))
+        if not batchable or len(jobs) == 1 or str(self.cfg.get("batch_size", "auto")) == "1":
+            if self.device.type == "cuda":  # the longest row must fit before any row runs (the error says what it needs)
+                i = order[0]
+                try:
+                    self.plan_memory(len(jobs[i][0]) + jobs[i][1] + self.auto.depth, jobs[i][1])
+                except ValueError as e:
+                    raise ValueError(f"prompt {i} (the longest): {e}") from None
+            return [[i] for i in range(len(jobs))]
+        groups: dict[tuple, list[int]] = {}
+        for i in order:
+            groups.setdefault((jobs[i][2], jobs[i][3]), []).append(i)
+        out = []
+        for rows in groups.values():
+            i = rows[0]
+            size = self.batch_size(len(jobs[i][0]) + jobs[i][1] + self.auto.depth, jobs[i][1], len(rows))
+            out += [rows[a:a + size] for a in range(0, len(rows), size)]
+        return out
+
+    def _generate_batch(self, jobs: list[tuple], progress: bool = False) -> list[GenerationResult]:
+        """Decode `jobs` (ids, max_new_tokens, temperature, top_p, seed; one temperature and top_p) as one batch."""
+        cfg = self.cfg
+        batch = len(jobs)
+        capacity = max(len(ids) + n for ids, n, *_ in jobs) + self.auto.depth
+        plan = None
+        if self.device.type == "cuda":
+            self._tiers = None  # free the old caches before planning new ones
+            plan = self.plan = self.plan_memory(capacity, max(n for _, n, *_ in jobs), batch)
+            log.info(plan.describe())
+        tiers = self.tiers(capacity, min(len(ids) for ids, *_ in jobs), plan, batch)
+        _, _, temperature, top_p, _ = jobs[0]
+        engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group)
+        t0 = time.perf_counter()
+        outs = engine.generate_batch([torch.tensor(ids) for ids, *_ in jobs], [n for _, n, *_ in jobs], self.stop_ids,
+                                     [s for *_, s in jobs], progress=progress and self.rank == 0)
+        seconds = time.perf_counter() - t0
+        total = sum(len(o) for o in outs)
+        shared = self._stats(engine, sum(len(ids) for ids, *_ in jobs), total, seconds)
+        results = []
+        for b, ((ids, *_), tokens) in enumerate(zip(jobs, outs)):
+            stats = dict(shared)
+            done = engine.finish_seconds[b] or shared["decode_seconds"]
+            stats.update(prompt_tokens=len(ids), generated_tokens=len(tokens), decode_seconds=done,
+                         tokens_per_second=len(tokens) / done if done > 0 else None,
+                         batch={"rows": batch, "row": b, "generated_tokens": total,
+                                "tokens_per_second": shared["tokens_per_second"], "prompt_tokens": shared["prompt_tokens"]})
+            stats["tiers"] = {name: dict(t, acceptance_rate=self._row_rate(engine, name, b))
+                              for name, t in shared["tiers"].items()}
+            results.append(GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats))
+        return results
+
+    @staticmethod
+    def _row_rate(engine: SpeculativeEngine, name: str, b: int) -> float | None:
+        """Row b's acceptance at tier `name` (the tier's rate over this row's verifications)."""
+        st = next(t.stats for t in engine.tiers if t.name == name)
+        return st.row_accepted[b] / st.row_proposed[b] if st.row_proposed and st.row_proposed[b] else None
 
     def _stats(self, engine: SpeculativeEngine, prompt_len: int, n: int, seconds: float) -> dict:
         measure = engine.chooser.measure_seconds if engine.chooser is not None else 0.0
@@ -503,9 +602,9 @@ class Generator:
             for t in (engine.chooser.tiers if engine.chooser is not None else engine.tiers):
                 if not isinstance(t.model, Transformer):  # the lookup draft reads no weights or KV
                     continue
-                kv = t.cache.length if isinstance(t.cache, FullCache) else getattr(t.cache, "budget", 0) + 64
-                if isinstance(t.cache, StreamingCache):
-                    kv = t.cache.sinks + t.cache.window
+                kv = sum(c.length if isinstance(c, FullCache) else
+                         c.sinks + c.window if isinstance(c, StreamingCache) else getattr(c, "budget", 0) + 64
+                         for c in t.cache.rows)  # every row's KV: a batch reads the weights once, each row its KV
                 a = t.model.local_args
                 weights = (t.model.step_weight_bytes() if isinstance(t.model, QuantTransformer)
                            else a.weight_bytes(self.dtype.itemsize))

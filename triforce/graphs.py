@@ -29,14 +29,14 @@ import torch
 
 from triforce.cache import KVCache
 from triforce.models.llama import ModelArgs, Transformer
-from triforce.sampling import process_logits, sample
+from triforce.sampling import draw_rows, process_logits, sample
 
 SPLIT_K_PROGRAMS = 2 * 160  # upper bound on the split-K kernel's programs (2 waves of a GPU's SMs)
 POOL_SEGMENT = 20 * 2 ** 20  # the caching allocator grows a pool by segments of up to this size
 
 
-def graph_memory(args: ModelArgs, sizes: set[int], dtype_bytes: int) -> int:
-    """Bytes the graph pool of one tier may hold for steps of `sizes` tokens (an upper bound).
+def graph_memory(args: ModelArgs, sizes: set[int], dtype_bytes: int, batch: int = 1) -> int:
+    """Bytes the graph pool of one tier may hold for steps of `sizes` tokens of `batch` rows (an upper bound).
 
     Per graph: the float32 logits and the sampling head's copies of them (softmax, the top-p
     sort's values and indices, the scattered result), the step's activations (residual, norms,
@@ -48,6 +48,7 @@ def graph_memory(args: ModelArgs, sizes: set[int], dtype_bytes: int) -> int:
     group = args.n_heads // args.n_kv_heads
     total = POOL_SEGMENT
     for t in sizes:
+        t *= batch
         logits = t * args.vocab_size * (4 * 4 + 8)  # logits, probs, sorted, result (float32) + sort indices
         activations = 2 * t * width * dtype_bytes
         split_k = SPLIT_K_PROGRAMS * group * t * (args.head_dim + 1) * 4
@@ -95,7 +96,8 @@ class GraphedModel:
         self.failed: set[tuple] = set()  # keys whose capture failed: eager from then on, never retried
         self.warned = False
         self.pool = None  # one memory pool shared by this model's graphs (a handle, so cleanup can name it)
-        self.uniform = torch.zeros(1, model.args.vocab_size, device=model.device)  # noise of in-graph draws
+        self.batch = len(cache.rows)  # rows of each step (a `Rows` cache serves a batch)
+        self.uniform = torch.zeros(self.batch, model.args.vocab_size, device=model.device)  # noise of in-graph draws
 
     def usable(self, n_new: int, last: int) -> bool:
         return n_new in self.sizes and self.cache.can_replay(n_new)
@@ -103,7 +105,7 @@ class GraphedModel:
     def _capture(self, n_new: int, last: int, head):
         """Warm up (compiles every Triton kernel and torch.compile'd piece outside the capture),
         check there is memory for the pool, then capture one step. Raises after cleaning up."""
-        tokens = torch.zeros(1, n_new, dtype=torch.long, device=self.model.device)
+        tokens = torch.zeros(self.batch, n_new, dtype=torch.long, device=self.model.device)
         cache = self.cache
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -148,7 +150,7 @@ class GraphedModel:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         args = self.model.local_args
-        need = graph_memory(args, {n_new}, self.model.dtype.itemsize)
+        need = graph_memory(args, {n_new}, self.model.dtype.itemsize, self.batch)
         if _available_bytes() < need:
             gc.collect()
             torch.cuda.empty_cache()
@@ -223,20 +225,20 @@ class GraphedModel:
         return self._run(tokens, last, lambda logits: (logits,), ())[0]
 
     def distributions(self, tokens: torch.Tensor, last: int, temperature: float, top_p: float,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Processed distributions [last, V] (a copy) and, with a generator, a token drawn from the
-        last row (the graph's own buffer: copy it before the next replay).
+                      generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Processed distributions [B, last, V] (a copy) and, with one generator per row, a token [B]
+        drawn from each row's last position (the graph's own buffer: copy it before the next replay).
 
-        The uniforms of the draw come from `generator` outside the graph (one launch), exactly as
-        the eager path draws them, so graphed and eager steps sample the same tokens.
+        The uniforms of the draw come from the rows' generators outside the graph, exactly as the
+        eager path draws them, so graphed and eager steps sample the same tokens.
         """
-        draw = generator is not None
+        draw = generators is not None
         if draw:
-            torch.rand(self.uniform.shape, generator=generator, out=self.uniform)
+            draw_rows(self.uniform.shape[1], self.uniform.device, generators, out=self.uniform)
 
         def head(logits):
-            p = process_logits(logits[0], temperature, top_p)
-            return p, (sample(p[-1:], uniform=self.uniform)[0] if draw else None)
+            p = process_logits(logits.flatten(0, 1), temperature, top_p).view(logits.shape)
+            return p, (sample(p[:, -1], uniform=self.uniform) if draw else None)
         p, token = self._run(tokens, last, head, (temperature, top_p, draw))
         return p.clone(), token  # p outlives the next replay (a verifier compares against it)
 

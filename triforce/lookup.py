@@ -61,6 +61,9 @@ class PromptLookup:
         return torch.where(score[best] > 0, hist[best + 1], hist[-1])
 
     def __call__(self, tokens: torch.Tensor, cache: LookupCache, last: int | None = None) -> torch.Tensor:
+        if len(cache.rows) > 1:  # a batch: each row matches against its own history
+            return torch.cat([self(tokens[b:b + 1], c, last) for b, c in enumerate(cache.rows)])
+        cache = cache.rows[0]
         t = tokens.shape[1]
         cache.begin(t)
         cache.tokens[cache.length:cache.length + t] = tokens[0]

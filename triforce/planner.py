@@ -103,7 +103,8 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                 draft_cache_tokens: int = 1600, draft_owns_weights: bool = True,
                 transfer_chunk: int = 16384, max_resident: int | None = None,
                 selection_copies: bool = True, chunk_summaries: bool = True,
-                cuda_graphs: bool = True, draft_gamma: int | None = None, quantized_bytes: int = 0) -> MemoryPlan:
+                cuda_graphs: bool = True, draft_gamma: int | None = None, quantized_bytes: int = 0,
+                batch: int = 1) -> MemoryPlan:
     """Fit a run of `context` tokens into `gpu_bytes` of GPU and `host_bytes` of pinned host memory.
 
     offload: "false" (all KV on the GPU or refuse), "true" (offloaded cache, at least one layer
@@ -119,19 +120,27 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     quantized_bytes: the drafts' quantized weight copies (`cache.weights` / `draft.weights` int8 or
     int4; `triforce.models.quant.quant_weight_bytes`), on the GPU beside the target's weights: with
     offloading every byte of them is a byte less for resident target KV layers.
+    batch: rows decoded together (every row has its own target KV, draft caches and graph rows of
+    `context` tokens; weights are shared); a batch is never offloaded.
     Raises ValueError naming the GiB needed and available and what to change.
     """
     mode = _mode(offload)
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if batch > 1 and mode == "true":
+        raise ValueError("offloading runs one sequence at a time: use offload=auto or false for a batch, or batch_size=1")
+    if batch > 1:
+        mode = "false"
     if context < 1 or gpu_bytes <= 0:
         raise ValueError(f"context ({context}) and gpu_bytes ({gpu_bytes}) must be positive")
     n_layers = args.n_layers
     token_layer = args.kv_bytes_per_token(dtype_bytes) // n_layers  # K+V of one token in one layer
-    layer_kv = token_layer * (context + 1)  # +1: FullCache's scratch slot
+    layer_kv = token_layer * (context + 1) * batch  # +1: FullCache's scratch slot
     weights = weight_memory(args, dtype_bytes)
     draft = 0
     if draft_args is not None:
         draft = (weight_memory(draft_args, dtype_bytes) if draft_owns_weights else 0) \
-            + draft_cache_tokens * draft_args.kv_bytes_per_token(dtype_bytes)
+            + batch * draft_cache_tokens * draft_args.kv_bytes_per_token(dtype_bytes)
     width = 4 * args.dim + 3 * args.intermediate_size + (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
     workspace = (prefill_chunk * args.vocab_size * 4  # logits (float32)
                  + 2 * prefill_chunk * width * dtype_bytes  # one prefill chunk's activations
@@ -147,7 +156,7 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
             steps["retrieval"] = (args, {draft_gamma + 1, draft_gamma + 2} if draft_gamma else bottom)
         if draft_args is not None:
             steps["tiny"] = (draft_args, bottom)
-    graphs = sum(graph_memory(a, sizes, dtype_bytes) for a, sizes in steps.values())
+    graphs = sum(graph_memory(a, sizes, dtype_bytes, batch) for a, sizes in steps.values())
     fixed = weights + draft + quantized_bytes + workspace + graphs
     if fixed > gpu_bytes:
         quant = (f", {gib(quantized_bytes)} GiB for the quantized draft weights (cache.weights / draft.weights=bf16 "
@@ -162,8 +171,8 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
         # per offloaded layer, the device mirror a graphed retrieval draft reads: its selected KV + the tail
         mirror = (fitted + tail_tokens) * token_layer * (n_layers - resident) if offloaded and fitted else 0
         parts = {"weights": weights, "draft": draft, "quantized drafts": quantized_bytes, "target KV": resident * layer_kv,
-                 "retrieval": retrieval_memory(args, context, fitted, chunk_size, dtype_bytes,
-                                               offloaded or selection_copies, chunk_summaries), **extra,
+                 "retrieval": batch * retrieval_memory(args, context, fitted, chunk_size, dtype_bytes,
+                                                       offloaded or selection_copies, chunk_summaries), **extra,
                  "mirror": mirror, "workspace": workspace, "graphs": graphs}
         host = (n_layers - resident) * layer_kv if offloaded else 0
         return MemoryPlan(context, n_layers, offloaded, resident, piece, fitted, budget, gpu_bytes, host_bytes,
@@ -172,6 +181,11 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     everything = plan(False, n_layers, None, budget, {})
     if mode != "true" and everything.gpu_needed <= gpu_bytes:
         return everything
+    if batch > 1:
+        per_row = (everything.gpu_needed - weights - quantized_bytes) / batch
+        raise ValueError(f"a batch of {batch} rows of up to {context} tokens needs {gib(everything.gpu_needed)} GiB of GPU "
+                         f"memory (weights {gib(weights)} GiB, about {gib(per_row)} GiB per row) but {gib(gpu_bytes)} GiB "
+                         f"is available: lower batch_size (or use batch_size=auto), or shorten the prompts / max_new_tokens")
     if mode == "false":
         raise ValueError(f"{context} tokens need {gib(everything.gpu_needed)} GiB of GPU memory (target KV "
                          f"{gib(n_layers * layer_kv)} GiB) but {gib(gpu_bytes)} GiB is available: set offload=auto "
@@ -208,6 +222,19 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
                          f"{gib(result.host_needed)} GiB of pinned host memory but {gib(host_bytes)} GiB is available: "
                          f"shorten the prompt or max_new_tokens, free host memory, or use a bigger GPU")
     return result
+
+
+def rows_that_fit(plan, most: int) -> int:
+    """The largest batch (at most `most`) for which `plan(batch)` (a `plan_memory` call) fits; 0 if none."""
+    lo, hi = 0, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        try:
+            plan(mid)
+            lo = mid
+        except ValueError:
+            hi = mid - 1
+    return lo
 
 
 def gpu_available_bytes(device=None) -> int:

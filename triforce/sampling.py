@@ -38,6 +38,16 @@ def draw_uniform(shape: tuple, device, generator: torch.Generator | None = None)
     return torch.rand(shape, generator=generator, device=device)
 
 
+def draw_rows(n: int, device, generators: list[torch.Generator | None], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniforms [B, n], row b from generators[b]: every sequence of a batch keeps its own random stream,
+    so a row's draws do not depend on which other rows share its batch."""
+    if out is None:
+        out = torch.empty(len(generators), n, device=device)
+    for b, g in enumerate(generators):
+        torch.rand(n, generator=g, device=device, out=out[b])
+    return out
+
+
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
            uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of probs [N, V], as the exponential race argmax(p / E), E ~ Exp(1).
@@ -53,28 +63,40 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
 
 def speculative_verify(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
                        generator: torch.Generator | None = None) -> tuple[int, torch.Tensor]:
-    """Exact speculative sampling (Leviathan et al., Chen et al. 2023).
+    """Exact speculative sampling (Leviathan et al., Chen et al. 2023) of one sequence.
 
     draft [g] tokens drawn from q [g, V]; p [g+1, V] the verifier's distributions at the same
     positions plus one. Token i is accepted with probability min(1, p_i(x)/q_i(x)); at the first
     rejection the replacement is drawn from norm(max(0, p_i - q_i)); if all g pass, a bonus token is
-    drawn from p_g. Returns (number accepted, next token). One host sync: reading the count, after
-    every kernel of the round is queued.
+    drawn from p_g. Returns (number accepted, next token): `speculative_verify_rows` of a batch of one.
     """
-    g = draft.shape[0]
+    n, nxt = speculative_verify_rows(draft[None], q[None], p[None], [generator])
+    return int(n[0]), nxt[0]
+
+
+def speculative_verify_rows(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
+                            generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`speculative_verify` of B sequences at once: draft [B, g], q [B, g, V], p [B, g+1, V], one
+    generator per row. Returns accepted counts [B] and next tokens [B], both on the device: nothing
+    here waits for the GPU, the caller reads the counts once, after every kernel of the round is queued.
+    Each row draws g uniforms, then V for its next token, from its own generator (the same draws as
+    a single sequence's verification).
+    """
+    b, g = draft.shape
     if g == 0:
-        return 0, sample(p[:1], generator)[0]
-    px = p[:g].gather(1, draft[:, None])[:, 0]
-    qx = q.gather(1, draft[:, None])[:, 0]
-    u = torch.rand(g, generator=generator, device=draft.device)
-    n_t = (u * qx < px).cumprod(0).sum()  # u < p/q without dividing; q(x) > 0 as x was drawn from q
+        return torch.zeros(b, dtype=torch.long, device=p.device), sample(p[:, 0], uniform=draw_rows(p.shape[-1], p.device, generators))
+    px = p[:, :g].gather(2, draft[..., None])[..., 0]
+    qx = q.gather(2, draft[..., None])[..., 0]
+    u = draw_rows(g, draft.device, generators)
+    n_t = (u * qx < px).cumprod(1).sum(1)  # u < p/q without dividing; q(x) > 0 as x was drawn from q
     # the next token's distribution, picked on the device for whichever n it is: the residual
     # norm(max(0, p_n - q_n)) after a rejection, p_g (q_g taken as 0) when all g passed
-    p_n = p.index_select(0, n_t.view(1))
-    q_n = q.index_select(0, n_t.clamp(max=g - 1).view(1)) * (n_t < g)
+    rows = torch.arange(b, device=p.device)
+    p_n = p[rows, n_t]
+    q_n = q[rows, n_t.clamp(max=g - 1)] * (n_t < g)[:, None]
     residual = (p_n - q_n).clamp_min(0)
-    total = residual.sum()
+    total = residual.sum(-1, keepdim=True)
     # p == q exactly leaves no residual mass; rejection then has probability 0 (guard only)
     dist = torch.where(total > 0, residual / total, p_n)
-    nxt = sample(dist, generator)[0]
-    return int(n_t), nxt
+    nxt = sample(dist, uniform=draw_rows(p.shape[-1], p.device, generators))
+    return n_t, nxt

@@ -1,0 +1,321 @@
+"""Batched speculation on one GPU: B long sequences at once, against batched autoregressive decoding.
+
+One sequence of a 1.5B model at 32K reads 3.1 GB of weights and 0.94 GB of KV per step; a batch
+of B reads the weights once and B times the KV, so the step becomes KV-bound and a sparse-KV or
+small draft pays (the MagicDec regime). For each shape, context and batch size B (as memory
+allows; random bf16 weights, KV filled with random values, CUDA graphs):
+- the batched autoregressive step against its byte floor (weights + B x context x KV per token,
+  over the copy bandwidth measured in the same run);
+- end to end through the public engine (`SpeculativeEngine.generate_batch`): batched
+  autoregressive decoding, the classic draft pipeline [target, 0.5B tiny over a StreamingLLM
+  cache], the self-speculative retrieval pipeline [target, target weights over a 2K retrieval
+  budget] and TriForce's three tiers, with acceptance decisions INJECTED (a benchmark-only
+  switch: random weights accept nothing) at 0.8 and 0.9: throughput (tokens/s over all rows)
+  and per-token latency (ms per step of one row);
+- Hugging Face batched `generate` with a static cache at B=16 (same shape, random weights).
+Sampling: temperature 0.6, top_p 1 (every row of every pipeline draws; no nucleus sort).
+
+    python scripts/bench_batch.py [--batches 1 4 16 32 64] [--shapes q15_8k q15_32k llama7b_32k]
+    python scripts/bench_batch.py --smoke      # CPU: toy shapes, every part runs, numbers mean nothing
+Writes results/batch_<gpu>.json (+ .png, speedup against batch size) with a `summary`.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from bench_speed import LLAMA2_7B, QWEN05, QWEN15, copy_bandwidth, cuda_time, gpu_tag
+from triforce.cache import FullCache, RetrievalCache, Rows, StreamingCache
+from triforce.engine import SpeculativeEngine, Tier
+from triforce.graphs import GraphedModel, graph_sizes
+from triforce.models.llama import ModelArgs, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DT = torch.bfloat16
+SHAPES = {"q15_32k": ("qwen", 32768), "llama7b_32k": ("llama7b", 32768), "q15_8k": ("qwen", 8192)}
+SMOKE_TARGET = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                         max_position_embeddings=1024)
+SMOKE_TINY = ModelArgs(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=64,
+                       max_position_embeddings=1024)
+
+
+def pipelines(family: str) -> list[tuple[str, float, int, int]]:
+    """(pipeline, injected acceptance of the target, gamma, tiny gamma) runs of one batch point."""
+    runs = [("autoregressive", 0.0, 0, 0)]
+    kinds = ["retrieval"] if family == "llama7b" else ["draft", "retrieval"]
+    for kind in kinds:
+        runs += [(kind, 0.8, 6, 0), (kind, 0.9, 4, 0), (kind, 0.9, 8, 0)]
+    if family == "qwen":
+        runs.append(("triforce", 0.9, 8, 4))
+    return runs
+
+
+def make_tiers(model, tiny, pipeline: str, batch: int, capacity: int, gamma: int, tiny_gamma: int,
+               budget: int, graphs: bool) -> list[Tier]:
+    full = Rows.build(lambda b: FullCache(model, capacity), batch)
+    tiers = [Tier("target", model, full, gamma=gamma)]
+    if pipeline in ("retrieval", "triforce"):
+        tiers.append(Tier("retrieval", model, Rows.build(lambda b: RetrievalCache(full.rows[b], model, budget, 8), batch),
+                          gamma=tiny_gamma))
+    if pipeline in ("draft", "triforce"):
+        tiers.append(Tier("tiny", tiny, Rows.build(lambda b: StreamingCache(tiny, 16, 496, slack=64, max_forward=512),
+                                                   batch)))
+    if graphs:
+        for level, t in enumerate(tiers):
+            t.graphed = GraphedModel(t.model, t.cache, graph_sizes(tiers, level))
+    return tiers
+
+
+def fill_random(full, ctx: int) -> None:
+    """Stand-in for the rows' prefills: random KV in every row (step costs depend on sizes, not values)."""
+    shared = full.rows[0].batch  # a batch's rows share batch-major tensors; a single row has its own
+    k = shared["k"] if shared is not None else full.k[:, None]
+    v = shared["v"] if shared is not None else full.v[:, None]
+    k[..., :ctx, :].normal_()
+    v[..., :ctx, :].normal_()
+
+
+def fake_prefill(tiers: list[Tier], ctx: int, device):
+    """Replaces the engine's prefill: every row's target KV is already random; caches reading it
+    adopt it, a streaming draft gets one forward of sinks + window random tokens per row."""
+    def prefill(progress=False):
+        for c in tiers[0].cache.rows:
+            c.length = ctx - 1
+        for t in tiers[1:]:
+            for c in t.cache.rows:
+                if not c.adopt_prefix(ctx - 1):
+                    n = c.sinks + c.window
+                    t.model(torch.randint(0, t.model.args.vocab_size, (1, n), device=device), c)
+                    c.length, c.start = ctx - 1, ctx - 1 - c.window
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return prefill
+
+
+def engine_run(tiers: list[Tier], pipeline: str, rate: float, batch: int, ctx: int, new: int, device) -> dict:
+    """One timed `generate_batch` of `new` tokens per row after `ctx`-token prompts (random KV),
+    after an identical untimed run that captures the graphs. Decode time only."""
+    inject = {} if pipeline == "autoregressive" else ({0: rate, 1: 0.8} if pipeline == "triforce" else {0: rate})
+    eng = SpeculativeEngine(tiers, 0.6, 1.0, injected_acceptance=inject)
+    eng._prefill, eng.prefill_seconds = fake_prefill(tiers, ctx, device), 0.0
+    prompts = [torch.randint(0, tiers[0].model.args.vocab_size, (ctx,)) for _ in range(batch)]
+    eng.generate_batch(prompts, new, seeds=list(range(batch)))  # captures graphs
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    out = eng.generate_batch(prompts, new, seeds=list(range(batch, 2 * batch)))
+    sync()
+    sec = time.perf_counter() - t0
+    n = sum(len(o) for o in out)
+    stats = eng.stats(n)
+    row = {"pipeline": pipeline, "batch": batch, "context": ctx, "injected": rate if inject else None,
+           "gamma": tiers[0].gamma if len(tiers) > 1 else 0, "tiny_gamma": tiers[1].gamma if len(tiers) > 2 else None,
+           "tokens": n, "tokens_per_second": n / sec, "ms_per_step_per_row": 1e3 * sec / new,
+           "tiers": {k: {m: v[m] for m in ("acceptance_rate", "mean_accepted_length", "forwards", "ms_per_forward")}
+                     for k, v in stats.items()}}
+    print(json.dumps(row), flush=True)
+    for t in tiers:
+        t.graphed = None
+    return row
+
+
+def ar_step(model, batch: int, ctx: int, bw: float, device) -> dict:
+    """The batched autoregressive step (graphed) against its byte floor."""
+    full = Rows.build(lambda b: FullCache(model, ctx + 64), batch)
+    fill_random(full, ctx)
+    g = GraphedModel(model, full, {1}) if device.type == "cuda" else (lambda tokens, last: model(tokens, full, last=last))
+    tokens = torch.randint(0, model.args.vocab_size, (batch, 1), device=device)
+
+    def step():
+        for _ in range(4):
+            for c in full.rows:
+                c.length = ctx
+            g(tokens, 1)
+    ms = cuda_time(step, repeats=10, device=device) / 4
+    a = model.args
+    floor = (a.weight_bytes(2) + batch * ctx * a.kv_bytes_per_token(2)) / bw / 1e6 if bw else None
+    row = {"batch": batch, "context": ctx, "ar_step_ms": ms, "floor_ms": floor,
+           "over_floor": ms / floor if floor else None}
+    print(json.dumps(row), flush=True)
+    del g, full
+    return row
+
+
+def hf_batched(args: ModelArgs, batch: int, ctx: int, new: int = 16) -> dict:
+    """Hugging Face batched generate (static cache, greedy) on the same shape: decode ms per step."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.intermediate_size,
+                      num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                      num_key_value_heads=args.n_kv_heads, max_position_embeddings=ctx + new + 8,
+                      rope_theta=args.rope_theta, tie_word_embeddings=args.tie_word_embeddings)
+    with torch.device("cuda"):
+        hf = Qwen2ForCausalLM(cfg).to(DT).eval()
+    ids = torch.randint(0, args.vocab_size, (batch, ctx), device="cuda")
+
+    def gen(n):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                    cache_implementation="static", pad_token_id=0, disable_compile=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    try:
+        gen(2)
+        t1, tn = gen(1), gen(new + 1)
+        row = {"batch": batch, "context": ctx, "cache": "static", "ms_per_step": (tn - t1) / new * 1e3}
+        row["tokens_per_second"] = batch * 1e3 / row["ms_per_step"]
+    except torch.OutOfMemoryError as e:
+        row = {"batch": batch, "context": ctx, "cache": "static", "error": f"out of memory: {e}"[:200]}
+    print(json.dumps(row), flush=True)
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def fits(family: str, a: ModelArgs, batch: int, ctx: int) -> bool:
+    """Whether a batch point leaves room on the GPU: B rows of KV plus graph pools and workspace."""
+    free, _ = torch.cuda.mem_get_info()
+    rows = batch * (ctx + 320) * a.kv_bytes_per_token(2)
+    heads = 8 * batch * 10 * a.vocab_size * 4 * 3  # logits and sampling copies of the verify graphs, 3 tiers
+    return rows + heads + (8 << 30) < free
+
+
+def run_shape(name: str, batches: list[int], new: int, bw: float, device, smoke: bool) -> dict:
+    family, ctx = SHAPES[name]
+    if smoke:
+        a, ta, ctx = SMOKE_TARGET, SMOKE_TINY, 96
+    else:
+        a, ta = (QWEN15, QWEN05) if family == "qwen" else (LLAMA2_7B, None)
+    dtype = torch.float32 if smoke else DT
+    out = {"shape": name, "context": ctx, "steps": [], "e2e": []}
+    with torch.inference_mode():
+        model = build_model(a, None, device, dtype, context_length=max(a.max_position_embeddings, ctx + 1024)).eval()
+        tiny = build_model(ta, None, device, dtype, seed=1).eval() if ta is not None else None
+        for batch in batches:
+            if device.type == "cuda" and not fits(family, a, batch, ctx):
+                out.setdefault("skipped", []).append({"batch": batch, "reason": "does not fit the GPU"})
+                continue
+            out["steps"].append(ar_step(model, batch, ctx, bw, device))
+            for pipeline, rate, gamma, tiny_gamma in pipelines(family):
+                if tiny is None and pipeline in ("draft", "triforce"):
+                    continue
+                tiers = make_tiers(model, tiny, pipeline, batch, ctx + new + 64, gamma, tiny_gamma,
+                                   32 if smoke else 2048, device.type == "cuda")
+                fill_random(tiers[0].cache, ctx)
+                out["e2e"].append(engine_run(tiers, pipeline, rate, batch, ctx, new, device))
+                del tiers
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if not smoke and family == "qwen" and ctx == 32768:
+            del model, tiny
+            gc.collect()
+            torch.cuda.empty_cache()
+            out["hf"] = hf_batched(a, 16, ctx)
+    return out
+
+
+def speedups(shape: dict) -> dict:
+    """Best speculative throughput over batched AR, per batch size and injected rate."""
+    res: dict = {}
+    for row in shape["e2e"]:
+        if row["pipeline"] == "autoregressive":
+            continue
+        ar = next(r for r in shape["e2e"] if r["pipeline"] == "autoregressive" and r["batch"] == row["batch"])
+        x = row["tokens_per_second"] / ar["tokens_per_second"]
+        key = str(row["injected"])
+        best = res.setdefault(key, {}).get(str(row["batch"]))
+        if best is None or x > best["speedup"]:
+            res[key][str(row["batch"])] = {"speedup": x, "pipeline": row["pipeline"], "gamma": row["gamma"]}
+    return res
+
+
+def summarize(out: dict) -> dict:
+    s: dict = {}
+    for shape in out["shapes"]:
+        sp = speedups(shape)
+        s[f"speedup_by_batch_{shape['shape']}"] = {r: {b: v["speedup"] for b, v in d.items()} for r, d in sp.items()}
+        s[f"best_by_batch_{shape['shape']}"] = sp
+        for st in shape["steps"]:
+            s.setdefault(f"batch_ar_over_floor_{shape['shape']}", {})[str(st["batch"])] = st["over_floor"]
+    q = next((x for x in out["shapes"] if x["shape"] == "q15_32k"), None)
+    if q is not None:
+        sp = speedups(q).get("0.9", {})
+        s["batch32_speedup_vs_batched_ar_q15_32k"] = sp.get("32", {}).get("speedup")
+        s["batch_ar_over_floor_q15_32k_b32"] = next((st["over_floor"] for st in q["steps"] if st["batch"] == 32), None)
+        s["speedup_grows_b4_to_b32"] = (sp["32"]["speedup"] > sp["4"]["speedup"]) if "4" in sp and "32" in sp else None
+        hf = q.get("hf") or {}
+        ar16 = next((r for r in q["e2e"] if r["pipeline"] == "autoregressive" and r["batch"] == 16), None)
+        if "ms_per_step" in hf and ar16:
+            s["batch_ar_speedup_vs_hf_b16"] = hf["ms_per_step"] / ar16["ms_per_step_per_row"]
+    return s
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for shape in out["shapes"]:
+        for rate, d in speedups(shape).items():
+            bs = sorted(int(b) for b in d)
+            ax.plot(bs, [d[str(b)]["speedup"] for b in bs], "o-" if rate == "0.9" else "s--",
+                    label=f"{shape['shape']} @ {rate}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set(xscale="log", xlabel="batch size B", ylabel="throughput over batched autoregressive",
+           title="Batched speculation, injected acceptance (best pipeline per point)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32, 64])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--smoke", action="store_true", help="CPU (or GPU) at toy sizes: every part runs, numbers mean nothing")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda" and not args.smoke:
+        raise SystemExit("error: bench_batch.py measures GPU steps; on a CPU run it with --smoke")
+    if args.smoke:
+        args.batches, args.shapes, args.new_tokens = [1, 3], ["q15_8k"], 6
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    out = {"gpu": name, "torch": torch.__version__, "python": platform.python_version(),
+           "settings": {"dtype": "float32 (smoke)" if args.smoke else "bfloat16", "weights": "random",
+                        "retrieval_budget": 2048, "retrieval_chunk": 8, "streaming": "16 sinks + 496 recent",
+                        "temperature": 0.6, "top_p": 1.0, "new_tokens_per_row": args.new_tokens, "cuda_graphs": device.type == "cuda",
+                        "injected_acceptance": "benchmark-only switch: the target's accept/reject decisions drawn at the given "
+                                               "rate (triforce: the retrieval tier accepts the tiny's at 0.8)"}}
+    if device.type == "cuda":
+        import triton
+        import transformers
+        out.update(triton=triton.__version__, cuda=torch.version.cuda, transformers=transformers.__version__)
+    bw = copy_bandwidth() if device.type == "cuda" else None
+    out["bandwidth_gb_s"] = bw
+    torch.manual_seed(0)
+    path = args.out or (Path("/tmp/triforce_batch_smoke.json") if args.smoke else ROOT / f"results/batch_{gpu_tag(name)}.json")
+    out["shapes"] = []
+    for s in args.shapes:  # written after each shape: a run cut short keeps what it measured
+        out["shapes"].append(run_shape(s, args.batches, args.new_tokens, bw, device, args.smoke))
+        out["summary"] = summarize(out)
+        path.write_text(json.dumps(out, indent=1))
+    if not args.smoke:
+        plot(out, path.with_suffix(".png"))
+    print(json.dumps(out["summary"], indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Batched speculation: B sequences share every tier's forwards, each row stays its own run.
+
+Each row of a batch must equal the single-sequence run of its prompt with its seed (greedy and
+sampled: a batch row draws exactly what its single run draws), through the eager path and the
+CUDA-graph path (device lengths, the batched split-K kernel; uncaptured on CPU, Triton
+interpreted), for rows of very different lengths, a row whose EOS arrives inside a draft, and
+every pipeline. Losslessness per row is tested statistically, 3 prompts in one batch.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest
+
+import triforce.engine as engine_mod
+from triforce.cache import FullCache, RetrievalCache, Rows, StreamingCache
+from triforce.engine import SpeculativeEngine, Tier
+from triforce.graphs import GraphedModel, graph_sizes
+from triforce.models.llama import ModelArgs, build_model
+from triforce.sampling import process_logits
+
+CAPTURE = torch.cuda.is_available()
+DEVICE = "cuda" if CAPTURE else "cpu"
+LENGTHS = (150, 7, 1, 96)  # very different prompt lengths, one of a single token
+
+
+@pytest.fixture(scope="module")
+def models():
+    args = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                     max_position_embeddings=1024)
+    target = build_model(args, None, DEVICE, torch.float32, seed=0).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(30)
+    return target, target.layer_subset([0])
+
+
+def tiers(target, tiny, pipeline, batch, n=260, graphs=False):
+    full = Rows.build(lambda b: FullCache(target, n), batch)
+    out = [Tier("target", target, full, gamma=4)]
+    if pipeline in ("retrieval", "triforce"):
+        out.append(Tier("retrieval", target, Rows.build(lambda b: RetrievalCache(full.rows[b], target, 32, 4), batch),
+                        gamma=3))
+    if pipeline == "triforce":
+        out.append(Tier("tiny", tiny, Rows.build(lambda b: StreamingCache(tiny, 2, 12, slack=16, max_forward=64), batch)))
+    if pipeline == "draft":
+        out.append(Tier("tiny", tiny, Rows.build(lambda b: FullCache(tiny, n), batch)))
+    if graphs:
+        for level, t in enumerate(out):
+            t.graphed = GraphedModel(t.model, t.cache, graph_sizes(out, level), capture=CAPTURE)
+    return out
+
+
+def prompts(lengths=LENGTHS, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (n,), generator=g) for n in lengths]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph_path"])
+@pytest.mark.parametrize("pipeline", ["autoregressive", "retrieval", "draft", "triforce"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batch_rows_equal_single_runs(models, pipeline, temperature, graphs):
+    target, tiny = models
+    ps = prompts()
+    maxes = [24, 5, 17, 24]  # rows finish at different rounds
+    eng = SpeculativeEngine(tiers(target, tiny, pipeline, len(ps), graphs=graphs), temperature, 1.0, prefill_chunk=64)
+    rows = eng.generate_batch(ps, maxes, seeds=[3, 4, 5, 6])
+    assert [len(r) for r in rows] == maxes
+    for b, p in enumerate(ps):
+        one = SpeculativeEngine(tiers(target, tiny, pipeline, 1), temperature, 1.0, prefill_chunk=64)
+        assert rows[b] == one.generate(p, maxes[b], seed=3 + b), f"row {b} differs from its single run"
+    if pipeline != "autoregressive":
+        st = eng.tiers[0].stats
+        assert 0 < st.accepted < st.proposed and sum(st.row_proposed) == st.proposed
+
+
+def test_eos_inside_a_draft_stops_only_that_row(models):
+    target, tiny = models
+    ps = prompts((40, 60, 25), seed=7)
+    free = SpeculativeEngine(tiers(target, tiny, "triforce", 3), 0.0, 1.0).generate_batch(ps, 20)
+    stop = free[1][6]  # row 1's 7th token: with gamma 4 it arrives inside a draft
+    first = free[1].index(stop)
+    eng = SpeculativeEngine(tiers(target, tiny, "triforce", 3), 0.0, 1.0)
+    rows = eng.generate_batch(ps, 20, stop_ids={stop})
+    assert rows[1] == free[1][:first + 1]
+    for b in (0, 2):
+        want = free[b][:free[b].index(stop) + 1] if stop in free[b] else free[b]
+        assert rows[b] == want
+
+
+def test_bad_batches_are_refused(models):
+    target, tiny = models
+    eng = SpeculativeEngine(tiers(target, tiny, "retrieval", 2), 0.0, 1.0)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        eng.generate_batch([], 4)
+    with pytest.raises(ValueError, match="caches for 2 rows, the batch has 3"):
+        eng.generate_batch(prompts((5, 6, 7)), 4)
+    with pytest.raises(ValueError, match="3 prompts need 3"):
+        SpeculativeEngine(tiers(target, tiny, "retrieval", 3), 0.0, 1.0).generate_batch(prompts((5, 6, 7)), [4, 4])
+
+
+# ------------------------------------------------------------------ statistical losslessness per row
+V, N = 12, 1500
+
+
+def peaky_model(seed: int):
+    args = ModelArgs(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                     max_position_embeddings=256)
+    model = build_model(args, None, "cpu", torch.float32, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(60.0)
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    return model.eval()
+
+
+@torch.inference_mode()
+def exact_joint(target, prompt):
+    cache = FullCache(target, prompt.numel() + 2)
+    p1 = process_logits(target(prompt[None], cache, last=1)[0], 1.0, 1.0)[0]
+    joint = torch.zeros(V, V)
+    for x1 in range(V):
+        cache.truncate(prompt.numel())
+        joint[x1] = p1[x1] * process_logits(target(torch.tensor([[x1]]), cache)[0], 1.0, 1.0)[0]
+    return joint
+
+
+def batch_joints(target, tiny, ps):
+    """Empirical joints of each row's first two tokens over N batched runs (triforce, 3 tiers)."""
+    n = max(p.numel() for p in ps) + 32
+    full = Rows.build(lambda b: FullCache(target, n), len(ps))
+    tl = [Tier("target", target, full, gamma=3),
+          Tier("retrieval", target, Rows.build(lambda b: RetrievalCache(full.rows[b], target, 8, 4), len(ps)), gamma=2),
+          Tier("tiny", tiny, Rows.build(lambda b: StreamingCache(tiny, 2, 4, max_forward=64), len(ps)))]
+    eng = SpeculativeEngine(tl, 1.0, 1.0, prefill_chunk=64)
+    counts = torch.zeros(len(ps), V, V)
+    for seed in range(N):
+        for b, (x1, x2) in enumerate(eng.generate_batch(ps, 2, seeds=[seed * 7 + b for b in range(len(ps))])):
+            counts[b, x1, x2] += 1
+    return counts / N
+
+
+def tv_bound(p: torch.Tensor, n: int, delta: float = 1e-4) -> float:
+    """E[TV] <= 1/2 sum sqrt(p(1-p)/n), plus the McDiarmid deviation sqrt(ln(1/delta)/2n)."""
+    return 0.5 * float((p * (1 - p) / n).sqrt().sum()) + math.sqrt(math.log(1 / delta) / (2 * n))
+
+
+def broken_verify(draft, q, p, generators):
+    """Resamples from p (not the residual) on rejection: biased towards the drafts."""
+    b, g = draft.shape
+    u = torch.stack([torch.rand(g, generator=gen) for gen in generators])
+    qx, px = q.gather(2, draft[..., None])[..., 0], p[:, :g].gather(2, draft[..., None])[..., 0]
+    n = (u * qx < px).cumprod(1).sum(1)
+    nxt = torch.stack([torch.multinomial(p[i, n[i]], 1, generator=generators[i])[0] for i in range(b)])
+    return n, nxt
+
+
+@pytest.fixture(scope="module")
+def peaky():
+    return peaky_model(1), peaky_model(2), prompts((48, 20, 33), seed=0)
+
+
+def _prompts_v(ps):
+    return [p % V for p in ps]
+
+
+def test_each_batch_row_is_distributed_as_the_target(peaky):
+    target, tiny, ps = peaky
+    ps = _prompts_v(ps)
+    emp = batch_joints(target, tiny, ps)
+    for b, p in enumerate(ps):
+        truth = exact_joint(target, p)
+        tv = 0.5 * float((emp[b] - truth).abs().sum())
+        assert tv < tv_bound(truth, N), f"row {b}: TV {tv:.4f} exceeds the sampling bound {tv_bound(truth, N):.4f}"
+
+
+def test_broken_verifier_is_detected_in_a_batch(peaky, monkeypatch):
+    target, tiny, ps = peaky
+    ps = _prompts_v(ps)
+    monkeypatch.setattr(engine_mod, "speculative_verify_rows", broken_verify)
+    emp = batch_joints(target, tiny, ps)
+    tvs = [(0.5 * float((emp[b] - exact_joint(target, p)).abs().sum()), tv_bound(exact_joint(target, p), N))
+           for b, p in enumerate(ps)]
+    assert any(tv > bound for tv, bound in tvs), f"a broken verifier went unnoticed: {tvs}"

@@ -1,0 +1,28 @@
+"""scripts/bench_batch.py --smoke: every part of the batch benchmark runs on the CPU at toy sizes and
+its summary has the keys the results file promises (numbers mean nothing here)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_batch_smoke(tmp_path):
+    out = tmp_path / "batch.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_batch.py"), "--smoke", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    pipelines = {row["pipeline"] for row in res["shapes"][0]["e2e"]}
+    assert pipelines == {"autoregressive", "draft", "retrieval", "triforce"}
+    assert {row["batch"] for row in res["shapes"][0]["e2e"]} == {1, 3}
+    assert set(res["summary"]["speedup_by_batch_q15_8k"]["0.9"]) == {"1", "3"}
+
+
+def test_bench_batch_needs_a_gpu_without_smoke():
+    import torch
+    if torch.cuda.is_available():
+        return
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_batch.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error: ")

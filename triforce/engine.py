@@ -318,6 +318,12 @@ class SpeculativeEngine:
                             dists[b].append(p[b, :a + 1])
             if on_tokens is not None:
                 on_tokens(start)
+            elif any(m - s > n for m, s in zip(self.lens, start0)):
+                # rows past their n wait there (ridden along, then cut back): a row never grows more
+                # than one round beyond what it owes, so the caches' margin of one speculation depth holds
+                lens = [min(m, s + n) for m, s in zip(self.lens, start0)]
+                self._set_lens(lens, torch.minimum(self.lens_t, start0_t + n) if batch > 1 else None)
+                self._invalidate(level, lens)
         if on_tokens is not None:
             return self._span(start0, start0_t, 0), None
         if any(m - s != n for m, s in zip(self.lens, start0)):  # a round overshot: keep the first n (still exactly distributed)

@@ -15,6 +15,20 @@ def smollm2_dir():
     return resolve_checkpoint(embedded_gguf())
 
 
+@pytest.fixture(scope="module")
+def models():
+    """A small peaky target (GQA, fp32) and its one-layer self-draft, on the GPU when there is one:
+    what the graph-path and batch tests decode with."""
+    from triforce.models.llama import ModelArgs, build_model
+
+    args = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
+                     max_position_embeddings=1024)
+    target = build_model(args, None, "cuda" if torch.cuda.is_available() else "cpu", torch.float32, seed=0).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(30)
+    return target, target.layer_subset([0])
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

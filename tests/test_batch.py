@@ -6,7 +6,6 @@ CUDA-graph path (device lengths, the batched split-K kernel; uncaptured on CPU, 
 interpreted), for rows of very different lengths, a row whose EOS arrives inside a draft, and
 every pipeline. Losslessness per row is tested statistically, 3 prompts in one batch.
 """
-import math
 import os
 
 import torch
@@ -17,25 +16,15 @@ if not torch.cuda.is_available():
 import pytest
 
 import triforce.engine as engine_mod
+from test_lossless import V, broken_verify, peaky_model, tv_bound
 from triforce.cache import FullCache, RetrievalCache, Rows, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel, graph_sizes
-from triforce.models.llama import ModelArgs, build_model
 from triforce.sampling import process_logits
 
 CAPTURE = torch.cuda.is_available()
 DEVICE = "cuda" if CAPTURE else "cpu"
 LENGTHS = (150, 7, 1, 96)  # very different prompt lengths, one of a single token
-
-
-@pytest.fixture(scope="module")
-def models():
-    args = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
-                     max_position_embeddings=1024)
-    target = build_model(args, None, DEVICE, torch.float32, seed=0).eval()
-    with torch.no_grad():
-        target.lm_head.weight.mul_(30)
-    return target, target.layer_subset([0])
 
 
 def tiers(target, tiny, pipeline, batch, n=260, graphs=False):
@@ -105,29 +94,7 @@ def test_bad_batches_are_refused(models):
 
 
 # ------------------------------------------------------------------ statistical losslessness per row
-V, N = 12, 1500
-
-
-def peaky_model(seed: int):
-    args = ModelArgs(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                     max_position_embeddings=256)
-    model = build_model(args, None, "cpu", torch.float32, seed=seed)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(60.0)
-        for layer in model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-    return model.eval()
-
-
-@torch.inference_mode()
-def exact_joint(target, prompt):
-    cache = FullCache(target, prompt.numel() + 2)
-    p1 = process_logits(target(prompt[None], cache, last=1)[0], 1.0, 1.0)[0]
-    joint = torch.zeros(V, V)
-    for x1 in range(V):
-        cache.truncate(prompt.numel())
-        joint[x1] = p1[x1] * process_logits(target(torch.tensor([[x1]]), cache)[0], 1.0, 1.0)[0]
-    return joint
+N = 1500
 
 
 def batch_joints(target, tiny, ps):
@@ -145,21 +112,6 @@ def batch_joints(target, tiny, ps):
     return counts / N
 
 
-def tv_bound(p: torch.Tensor, n: int, delta: float = 1e-4) -> float:
-    """E[TV] <= 1/2 sum sqrt(p(1-p)/n), plus the McDiarmid deviation sqrt(ln(1/delta)/2n)."""
-    return 0.5 * float((p * (1 - p) / n).sqrt().sum()) + math.sqrt(math.log(1 / delta) / (2 * n))
-
-
-def broken_verify(draft, q, p, generators):
-    """Resamples from p (not the residual) on rejection: biased towards the drafts."""
-    b, g = draft.shape
-    u = torch.stack([torch.rand(g, generator=gen) for gen in generators])
-    qx, px = q.gather(2, draft[..., None])[..., 0], p[:, :g].gather(2, draft[..., None])[..., 0]
-    n = (u * qx < px).cumprod(1).sum(1)
-    nxt = torch.stack([torch.multinomial(p[i, n[i]], 1, generator=generators[i])[0] for i in range(b)])
-    return n, nxt
-
-
 @pytest.fixture(scope="module")
 def peaky():
     return peaky_model(1), peaky_model(2), prompts((48, 20, 33), seed=0)
@@ -167,6 +119,18 @@ def peaky():
 
 def _prompts_v(ps):
     return [p % V for p in ps]
+
+
+@torch.inference_mode()
+def exact_joint(target, prompt):
+    """p(x1, x2) of the target after `prompt`, by enumeration over x1 (temperature 1)."""
+    cache = FullCache(target, prompt.numel() + 2)
+    p1 = process_logits(target(prompt[None], cache, last=1)[0], 1.0, 1.0)[0]
+    joint = torch.zeros(V, V)
+    for x1 in range(V):
+        cache.truncate(prompt.numel())
+        joint[x1] = p1[x1] * process_logits(target(torch.tensor([[x1]]), cache)[0], 1.0, 1.0)[0]
+    return joint
 
 
 def test_each_batch_row_is_distributed_as_the_target(peaky):

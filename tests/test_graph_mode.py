@@ -14,22 +14,11 @@ import pytest
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel, graph_sizes
-from triforce.models.llama import ModelArgs, build_model
 from triforce.offload import OffloadedFullCache
 
 pytest.importorskip("triton")
 CAPTURE = torch.cuda.is_available()
 DEVICE = "cuda" if CAPTURE else "cpu"
-
-
-@pytest.fixture(scope="module")
-def models():
-    args = ModelArgs(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128,
-                     max_position_embeddings=1024)
-    target = build_model(args, None, DEVICE, torch.float32, seed=0).eval()
-    with torch.no_grad():
-        target.lm_head.weight.mul_(30)
-    return target, target.layer_subset([0])
 
 
 def pipeline(target, tiny, n, graphs: bool, offloaded: bool = False):

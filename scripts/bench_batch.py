@@ -11,7 +11,8 @@ allows; random bf16 weights, KV filled with random values, CUDA graphs):
   cache], the self-speculative retrieval pipeline [target, target weights over a 2K retrieval
   budget] and TriForce's three tiers, with acceptance decisions INJECTED (a benchmark-only
   switch: random weights accept nothing) at 0.8 and 0.9: throughput (tokens/s over all rows)
-  and per-token latency (ms per step of one row);
+  and per-token latency (ms per step of one row); per-tier GPU time from CUDA events, and the rest
+  of the wall time (`outside_forwards_ms`: host work, eager steps);
 - Hugging Face batched `generate` with a static cache at B=16 (same shape, random weights).
 Sampling: temperature 0.6, top_p 1 (every row of every pipeline draws; no nucleus sort).
 
@@ -108,7 +109,8 @@ def engine_run(tiers: list[Tier], pipeline: str, rate: float, batch: int, ctx: i
     after an identical untimed run that captures the graphs. Decode time only: the stand-in
     prefill (the tiny's window, per row) is subtracted."""
     inject = {} if pipeline == "autoregressive" else ({0: rate, 1: 0.8} if pipeline == "triforce" else {0: rate})
-    eng = SpeculativeEngine(tiers, 0.6, 1.0, injected_acceptance=inject)
+    # per-tier GPU time from CUDA events around each forward (read once at the end, no extra sync)
+    eng = SpeculativeEngine(tiers, 0.6, 1.0, injected_acceptance=inject, gpu_timing=device.type == "cuda")
     prefill_s = [0.0]
     eng._prefill, eng.prefill_seconds = fake_prefill(tiers, ctx, device, prefill_s), 0.0
     prompts = [torch.randint(0, tiers[0].model.args.vocab_size, (ctx,)) for _ in range(batch)]
@@ -121,9 +123,12 @@ def engine_run(tiers: list[Tier], pipeline: str, rate: float, batch: int, ctx: i
     sec = time.perf_counter() - t0 - prefill_s[0]  # the drafts' one-off selection stays in: it is paid per prompt
     n = sum(len(o) for o in out)
     stats = eng.stats(n)
+    gpu_ms = sum(v["seconds"] for v in stats.values()) * 1e3
     row = {"pipeline": pipeline, "batch": batch, "context": ctx, "injected": rate if inject else None,
            "gamma": tiers[0].gamma if len(tiers) > 1 else 0, "tiny_gamma": tiers[1].gamma if len(tiers) > 2 else None,
            "tokens": n, "tokens_per_second": n / sec, "ms_per_step_per_row": 1e3 * sec / new,
+           # what the host (launches, per-row bookkeeping, the rounds' syncs) and eager steps add beyond the forwards
+           "forwards_gpu_ms": gpu_ms, "outside_forwards_ms": 1e3 * sec - gpu_ms,
            "tiers": {k: {m: v[m] for m in ("acceptance_rate", "mean_accepted_length", "forwards", "ms_per_forward")}
                      for k, v in stats.items()}}
     print(json.dumps(row), flush=True)

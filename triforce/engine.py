@@ -36,9 +36,6 @@ from triforce.models.quant import QuantTransformer, refuse_quantized_target
 from triforce.sampling import draw_rows, process_logits, sample, speculative_verify_rows
 
 
-CATCH_UP_ALONE = 32  # a row lacking more tokens than this is fed alone before a shared forward
-
-
 @dataclass
 class TierStats:
     proposed: int = 0  # draft tokens this tier verified
@@ -199,15 +196,13 @@ class SpeculativeEngine:
         Feeds every token the tier's caches lack (the prefill too, in chunks); rows come back for
         positions len - n_rows + 1 .. len, i.e. predictions of the tokens after them. `draw` may
         name the rows that draw from their own streams (the others use a throwaway one). All rows of
-        a batch are fed the same number of tokens, the most any row lacks; a row far behind the
-        others (more than `CATCH_UP_ALONE` tokens) is first brought up alone.
+        a batch are fed the same number of tokens, the most any row lacks (in a batch that is a few:
+        every tier is brought up to each prompt first, row by row, and rounds keep rows in step).
         """
         tier = self.tiers[level]
         rows = tier.cache.rows
         for b, cache in enumerate(rows):
             cache.truncate(self.lens[b] - n_rows)
-            if self.batch > 1 and self.lens[b] - n_rows - cache.length > CATCH_UP_ALONE:
-                self._feed_row(tier, b, self.lens[b] - n_rows)
         t = max(n - cache.length for n, cache in zip(self.lens, rows))
         if self.batch > 1:
             for n, cache in zip(self.lens, rows):
@@ -237,15 +232,6 @@ class SpeculativeEngine:
         tier.stats.seconds += time.perf_counter() - t0
         tier.stats.forwards += 1
         return (out[0] if len(out) == 1 else torch.cat(out, dim=1)), token
-
-    def _feed_row(self, tier: Tier, b: int, upto: int) -> int:
-        """Feed row b of `tier` alone, in prefill chunks, up to position `upto`; tokens fed."""
-        cache = tier.cache.rows[b]
-        fed = max(0, upto - cache.length)
-        for start in range(cache.length, upto, self.prefill_chunk):
-            end = min(upto, start + self.prefill_chunk)
-            tier.model(self.seqs[b:b + 1, start:end], cache, last=0)
-        return fed
 
     # -------------------------------------------------------------------------------- recursion
     def _propose(self, level: int, n: int, on_tokens=None, active: list[bool] | None = None

@@ -123,6 +123,7 @@ class SpeculativeEngine:
         # knows every tier it may switch in, the engine only the ones in use
         self.chooser = chooser
         self.catch_up_seconds, self.catch_up_tokens = 0.0, 0
+        self._steps = None  # 0, 1, 2, ... on the device (a batch's token positions)
 
     # -------------------------------------------------------------------------------- the rows
     @property
@@ -150,7 +151,7 @@ class SpeculativeEngine:
 
     def _positions(self, starts: torch.Tensor, t: int) -> torch.Tensor:
         """Positions starts[b] + 0 .. t-1 of every row, [B, t]."""
-        if getattr(self, "_steps", None) is None or self._steps.numel() < t:
+        if self._steps is None or self._steps.numel() < t:
             self._steps = torch.arange(max(t, 64), device=self.device)
         return starts[:, None] + self._steps[:t]
 

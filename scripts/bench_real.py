@@ -56,10 +56,11 @@ class ReplayEngine(SpeculativeEngine):
         self.counts = {level: list(c) for level, c in counts.items()}
         self.position = {level: 0 for level in counts}
 
-    def _injected(self, level: int, rate: float, g: int) -> int:
+    def _injected(self, level: int, rate: float, g: int) -> torch.Tensor:
         i, c = self.position[level], self.counts[level]
         self.position[level] = i + 1
-        return min(g, c[i]) if i < len(c) else 0  # past the recorded rounds: reject (never seen in practice)
+        n = min(g, c[i]) if i < len(c) else 0  # past the recorded rounds: reject (never seen in practice)
+        return torch.full((self.batch,), n, device=self.device)  # one recorded run: every row (of one) the same
 
 
 def compose_cfg(overrides: list[str]):

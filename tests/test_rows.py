@@ -79,15 +79,17 @@ def test_cli_bad_prompts_file_is_one_line(tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "line 2: not JSON" in lines[0], r.stderr
 
 
-def test_the_longest_row_is_planned_first_on_a_gpu(monkeypatch):
-    """On a GPU the longest row's memory plan runs before any row; its error names the row."""
+@pytest.mark.parametrize("batch_size", ["1", "auto"])
+def test_the_longest_row_is_planned_first_on_a_gpu(monkeypatch, batch_size):
+    """On a GPU the longest row's memory plan runs before any row (one after another, or as the
+    first batch); its error names the row."""
     import types
 
-    gen = triforce.load(*TINY)
+    gen = triforce.load(*TINY, f"batch_size={batch_size}")
     asked = []
 
-    def plan(capacity, new_tokens):
-        asked.append((capacity, new_tokens))
+    def plan(capacity, new_tokens, batch=1):
+        asked.append((capacity, new_tokens, batch))
         raise ValueError("1000 tokens need 99.0 GiB of GPU memory")
 
     monkeypatch.setattr(gen, "plan_memory", plan)
@@ -95,4 +97,5 @@ def test_the_longest_row_is_planned_first_on_a_gpu(monkeypatch):
     monkeypatch.setattr(gen, "generate", lambda *a, **k: pytest.fail("a row ran before the plan"))
     with pytest.raises(ValueError, match=r"prompt 1 \(the longest\): 1000 tokens need 99.0 GiB"):
         gen.generate_rows(["short", PROMPTS[1], "mid " * 5])
-    assert len(asked) == 1 and asked[0][1] == 8
+    assert asked and all(a[:2] == asked[0][:2] for a in asked) and asked[0][1] == 8  # the longest row only
+    assert asked[-1][2] == 1 and (batch_size == "auto" or len(asked) == 1)

@@ -543,7 +543,10 @@ class Generator:
         out = []
         for rows in groups.values():
             i = rows[0]
-            size = self.batch_size(len(jobs[i][0]) + jobs[i][1] + self.auto.depth, jobs[i][1], len(rows))
+            try:
+                size = self.batch_size(len(jobs[i][0]) + jobs[i][1] + self.auto.depth, jobs[i][1], len(rows))
+            except ValueError as e:
+                raise ValueError(f"prompt {i} (the longest): {e}") from None
             out += [rows[a:a + size] for a in range(0, len(rows), size)]
         return out
 

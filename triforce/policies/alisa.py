@@ -37,13 +37,13 @@ class ALISAPolicy(HookedSelection):
 
     def reset(self) -> None:
         super().reset()
-        self.rows = [deque(maxlen=self.history) for _ in range(self.n_layers)]
+        self.history_rows = [deque(maxlen=self.history) for _ in range(self.n_layers)]
 
     def choose(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         b = self.boundary
-        self.rows[layer].extend(prefix_attention(self, layer, q, self.max_queries).unbind(1))
+        self.history_rows[layer].extend(prefix_attention(self, layer, q, self.max_queries).unbind(1))
         score = torch.zeros(self.n_kv_heads, b, device=self.device)
-        for row in self.rows[layer]:
+        for row in self.history_rows[layer]:
             n = min(b, row.shape[1])
             score[:, :n] += row[:, :n]
         return recent_plus_top(score, self.budget, split_budget(self.budget, self.window_ratio, "window_ratio"))

@@ -118,13 +118,14 @@ class KVCache:
         return [self]
 
     def device_view(self) -> tuple | None:
-        """Graph mode, after `begin`: this step's (cos, sin, write rows, key count, tail start), the
-        per-row inputs a batched step stacks; None where the cache has no batched device path."""
+        """Graph mode, after `begin`: this step's (cos, sin, write rows, key count, tail start, key
+        bound), the per-row inputs a batched step stacks (the bound: the most keys the row's split-K
+        work is planned for); None where the cache has no batched device path."""
         return None
 
     def batch_keys(self, layer: int) -> tuple:
-        """Graph mode, batched: (store_k, store_v [B, KVH, S, D], key bound, chunk_idx [B, KVH, n] or
-        None) of `layer` for every row, read from the batch-major tensors."""
+        """Graph mode, batched: (store_k, store_v [B, KVH, S, D], chunk_idx [B, KVH, n] or None) of
+        `layer` for every row, read from the batch-major tensors."""
         raise NotImplementedError
 
 
@@ -209,18 +210,18 @@ class Rows(KVCache):
             views = [r.device_view() for r in self._rows]
             keys = {r.graph_key()[:1] for r in self._rows}  # a selection's view kind must agree
             if views[0] is not None and len(keys) == 1:
-                cos, sin, write, n_keys, tail = zip(*views)
+                cos, sin, write, n_keys, tail, bound = zip(*views)
                 self._step = (torch.stack(cos), torch.stack(sin), torch.stack(write),
-                              torch.cat([x.reshape(1) for x in n_keys]), torch.cat([x.reshape(1) for x in tail]))
+                              torch.cat([x.reshape(1) for x in n_keys]), torch.cat([x.reshape(1) for x in tail]),
+                              max(bound))
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if self._step is None:  # eager steps (and caches without a batched path): row by row
             return torch.cat([r.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1]) for b, r in enumerate(self._rows)])
         from triforce.kernels._split_k import split_k_attention
 
-        cos, sin, write, n_keys, tail = self._step
-        store_k, store_v, bound, idx = self._rows[0].batch_keys(layer)
-        bound = max(bound, *(getattr(r, "max_keys", bound) for r in self._rows[1:])) if len(self._rows) > 1 else bound
+        cos, sin, write, n_keys, tail, bound = self._step
+        store_k, store_v, idx = self._rows[0].batch_keys(layer)
         q = rope_write(q, k, v, cos, sin, store_k, store_v, write)
         b, h, t, d = q.shape
         out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # token-major, as device_attention
@@ -285,10 +286,10 @@ class FullCache(KVCache):
         return attention(q, self.k[layer, :, :e], self.v[layer, :, :e])
 
     def device_view(self) -> tuple:
-        return self.cos, self.sin, self.pos_t, self.end_t, self.zero_t
+        return self.cos, self.sin, self.pos_t, self.end_t, self.zero_t, self.max_length
 
     def batch_keys(self, layer: int) -> tuple:
-        return self.batch["k"][layer], self.batch["v"][layer], self.max_length, None
+        return self.batch["k"][layer], self.batch["v"][layer], None
 
     # the store API draft caches read through (OffloadedFullCache serves it from host memory + a tail mirror)
     def read(self, layer: int, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -445,13 +446,12 @@ class StreamingCache(KVCache):
     def device_view(self) -> tuple | None:
         if not self.position_shift:
             return None
-        return self.cos, self.sin, self.write_t, self.n_keys_t, self.view_start_t
+        return self.cos, self.sin, self.write_t, self.n_keys_t, self.view_start_t, self.max_keys
 
     def batch_keys(self, layer: int) -> tuple:
         if self.sinks and "sink_idx" not in self.batch:
             self.batch["sink_idx"] = self.sink_idx.expand(self.batch["k"].shape[1], -1, -1).contiguous()
-        return (self.batch["k"][layer], self.batch["v"][layer], self.max_keys,
-                self.batch["sink_idx"] if self.sinks else None)
+        return self.batch["k"][layer], self.batch["v"][layer], self.batch["sink_idx"] if self.sinks else None
 
     def truncate(self, length: int) -> None:
         if length < self.length and length < self.start and self.start > self.sinks:
@@ -587,13 +587,13 @@ class SelectionCache(KVCache):
     def device_view(self) -> tuple | None:
         if not self.full.device_resident or self.full.batch is None:
             return None
-        return self.cos, self.sin, self.write_t, self.n_keys_t, self.zero_t if self.full_view else self.boundary_t
+        if self.full_view:
+            return self.cos, self.sin, self.write_t, self.n_keys_t, self.zero_t, self.full.max_length
+        return self.cos, self.sin, self.write_t, self.n_keys_t, self.boundary_t, self.max_keys
 
     def batch_keys(self, layer: int) -> tuple:
         store = self.full.batch
-        if self.full_view:
-            return store["k"][layer], store["v"][layer], self.full.max_length, None
-        return store["k"][layer], store["v"][layer], self.max_keys, self.batch["sel_idx"][layer]
+        return store["k"][layer], store["v"][layer], None if self.full_view else self.batch["sel_idx"][layer]
 
     def graph_key(self) -> tuple:
         """What a captured graph baked in: the view kind, the planned key bound, the store's layout."""

@@ -408,6 +408,9 @@ class SpeculativeEngine:
         self.finish_seconds = [None] * batch  # when each row finished, from the end of the prefill
         token_progress = progress if token_progress is None else token_progress
         bar = tqdm(total=sum(maxes), desc="generate", unit="tok", disable=not token_progress, leave=False)
+        if batch > 1:
+            self._done_t = torch.zeros(batch, dtype=torch.bool, device=self.device)
+            self._frozen_t = torch.zeros(batch, dtype=torch.long, device=self.device)
 
         def on_tokens(starts: list[int]) -> None:
             if batch == 1:
@@ -426,6 +429,8 @@ class SpeculativeEngine:
                     if tok in stop_ids or len(outs[b]) >= maxes[b]:
                         done[b], frozen[b] = True, starts[b] + i + 1
                         self.live[b] = False
+                        if batch > 1:  # once per row: the rounds that follow hold it there on the device
+                            self._done_t[b], self._frozen_t[b] = True, frozen[b]
                         self.finish_seconds[b] = time.perf_counter() - self._decode_start
                         break
                 moved += len(outs[b]) - first
@@ -446,12 +451,14 @@ class SpeculativeEngine:
 
     def _hold(self, done: list[bool], frozen: list[int]) -> None:
         """Roll finished rows back to where they stopped: they keep riding along, masked, without growing."""
-        for b in range(self.batch):
-            if done[b] and self.lens[b] != frozen[b]:
-                self.lens[b] = frozen[b]
-                self.lens_t[b] = frozen[b]
-                for t in self.tiers:
-                    t.cache.rows[b].truncate(frozen[b])
+        held = [b for b in range(self.batch) if done[b] and self.lens[b] != frozen[b]]
+        if not held:
+            return
+        self.lens_t = torch.where(self._done_t, self._frozen_t, self.lens_t)  # one kernel for every held row
+        for b in held:
+            self.lens[b] = frozen[b]
+            for t in self.tiers:
+                t.cache.rows[b].truncate(frozen[b])
 
     def _prefill(self, progress: bool = False) -> None:
         """Every tier absorbs the prompts but their last tokens; tiers reading the target's KV adopt it."""

@@ -416,14 +416,7 @@ class Generator:
                          "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
                         self.group, "generate()'s input")
         stream = stream and self.rank == 0
-        capacity = len(ids) + max_new_tokens + self.auto.depth
-        plan = None
-        if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity
-                                           or len(self._tiers[0].cache.rows) != 1):
-            self._tiers = None  # free the old caches before planning new ones
-            plan = self.plan = self.plan_memory(capacity, max_new_tokens)
-            log.info(plan.describe())
-        tiers = self.tiers(capacity, len(ids), plan)
+        tiers = self._ready_tiers(len(ids) + max_new_tokens + self.auto.depth, max_new_tokens, len(ids))
         chooser = auto.make_chooser(self, tiers, len(ids), max_new_tokens) if self.auto.adaptive else None
         engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group,
                                    chooser=chooser)
@@ -448,6 +441,17 @@ class Generator:
             sys.stdout.write("\n")
         stats = self._stats(engine, len(ids), len(tokens), seconds)
         return GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats)
+
+    def _ready_tiers(self, capacity: int, new_tokens: int, prompt_len: int, batch: int = 1) -> list[Tier]:
+        """The tiers for `batch` rows of up to `capacity` tokens: the ones held when they fit, else new
+        ones (on a GPU after a fresh memory plan, the old caches freed first)."""
+        plan = None
+        if self.device.type == "cuda" and (self._tiers is None or self._tiers[0].cache.max_length < capacity
+                                           or len(self._tiers[0].cache.rows) != batch):
+            self._tiers = None  # free the old caches before planning new ones
+            plan = self.plan = self.plan_memory(capacity, new_tokens, batch)
+            log.info(plan.describe())
+        return self.tiers(capacity, prompt_len, plan, batch)
 
     def _checked_ids(self, prompt: str | list[int], max_new_tokens, temperature: float, top_p: float,
                      chat: bool | None) -> list[int]:
@@ -554,13 +558,8 @@ class Generator:
         """Decode `jobs` (ids, max_new_tokens, temperature, top_p, seed; one temperature and top_p) as one batch."""
         cfg = self.cfg
         batch = len(jobs)
-        capacity = max(len(ids) + n for ids, n, *_ in jobs) + self.auto.depth
-        plan = None
-        if self.device.type == "cuda":
-            self._tiers = None  # free the old caches before planning new ones
-            plan = self.plan = self.plan_memory(capacity, max(n for _, n, *_ in jobs), batch)
-            log.info(plan.describe())
-        tiers = self.tiers(capacity, min(len(ids) for ids, *_ in jobs), plan, batch)
+        tiers = self._ready_tiers(max(len(ids) + n for ids, n, *_ in jobs) + self.auto.depth,
+                                  max(n for _, n, *_ in jobs), min(len(ids) for ids, *_ in jobs), batch)
         _, _, temperature, top_p, _ = jobs[0]
         engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group)
         t0 = time.perf_counter()

@@ -26,6 +26,7 @@ from triforce.kernels.quant_gemv import (dequantize_int4, dequantize_int8, int4_
                                          quantize_int4, quantize_int8)
 from triforce.kernels._split_k import split_k_attention  # noqa: E402
 from triforce.kernels.rope_write import rope_write, rope_write_reference  # noqa: E402
+from triforce.kernels.row_uniform import row_uniform_reference, row_uniform_triton, seed_key  # noqa: E402
 from triforce.kernels.decode_attention import (decode_attention, decode_attention_reference,  # noqa: E402
                                                decode_attention_triton)
 from triforce.kernels.sparse_attention import (bottom_right_sdpa, chunk_positions, sparse_attention,  # noqa: E402
@@ -612,3 +613,44 @@ def test_gpu_fused_gemvs_low_precision(dtype, m):
     gate_up, wd = rand(1, m, 2 * 8960, dtype=dtype, gen=gen), rand(1536, 8960, dtype=dtype, gen=gen) * 0.1
     torch.testing.assert_close(swiglu_gemv_triton(gate_up, wd).float(),
                                swiglu_gemv_reference(gate_up.float(), wd.float()), atol=0.5, rtol=2e-2)
+
+
+# ------------------------------------------------------------------ counter-based row streams
+@needs_triton
+@pytest.mark.parametrize("b,n,start", [(1, 1, 0), (3, 1500, 0), (2, 1024, 2 ** 32 - 700), (5, 17, 2 ** 40 + 9)])
+def test_row_uniform_kernel_is_bitwise_the_reference(b, n, start):
+    keys = torch.tensor([seed_key(s) for s in range(b)], dtype=torch.int64, device=DEV)
+    counters = start + torch.arange(b, dtype=torch.int64, device=DEV) * 1000
+    out = torch.full((b, n + 3), -1.0, device=DEV)[:, :n]  # strided rows: the row stride is honoured
+    got = row_uniform_triton(keys, counters, n, out)
+    assert torch.equal(got, row_uniform_reference(keys, counters, n))
+    assert float(got.min()) >= 0 and float(got.max()) < 1
+
+
+def test_row_uniform_is_uniform_and_rows_are_independent():
+    n = 1 << 18
+    keys = torch.tensor([seed_key(s) for s in (0, 1, 2)], dtype=torch.int64)
+    u = row_uniform_reference(keys, torch.zeros(3, dtype=torch.int64), n)
+    # 64 bins: each count is binomial(n, 1/64); the chi-square of 63 dof has mean 63 and sd ~11.2
+    counts = torch.stack([torch.histc(r, 64, 0, 1) for r in u])
+    chi2 = ((counts - n / 64) ** 2 / (n / 64)).sum(1)
+    assert bool((chi2 < 63 + 6 * 11.2).all()), chi2
+    # neighbouring seeds and neighbouring draws are uncorrelated (sd of a correlation ~ n ** -0.5)
+    c = torch.corrcoef(torch.cat((u, u.roll(1, 1))))
+    assert float((c - torch.eye(6)).abs().max()) < 6 * n ** -0.5
+    assert torch.equal(u[1:2], row_uniform_reference(keys[1:2], torch.zeros(1, dtype=torch.int64), n))
+
+
+def test_row_streams_move_only_live_rows():
+    from triforce.sampling import RowStreams
+
+    s = RowStreams([4, 5], "cpu")
+    first = s.uniform(10)
+    s.uniform(7, live=[True, False])
+    assert s.counters.tolist() == [17, 10]
+    again = RowStreams([5], "cpu")
+    again.uniform(10)
+    assert torch.equal(s.uniform(3)[1], again.uniform(3)[0])  # row 1 alone draws the same numbers
+    assert not torch.equal(first[0], first[1])
+    with pytest.raises(ValueError, match="row_uniform"):
+        row_uniform_triton(s.keys, s.counters, 3, torch.empty(2, 4))

@@ -132,13 +132,13 @@ def tv_and_bound(emp: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
     return 0.5 * float((emp - truth).abs().sum()), tv_bound(truth, N)
 
 
-def broken_verify(draft, q, p, generators):
+def broken_verify(draft, q, p, streams, live=None):
     """Resamples from p (not the residual) on rejection: biased towards the draft."""
     b, g = draft.shape
-    u = torch.stack([torch.rand(g, generator=gen) for gen in generators])
+    u = streams.uniform(g, live)
     qx, px = q.gather(2, draft[..., None])[..., 0], p[:, :g].gather(2, draft[..., None])[..., 0]
     n = (u * qx < px).cumprod(1).sum(1)
-    return n, torch.stack([sample(p[i, n[i]][None], generators[i])[0] for i in range(b)])
+    return n, sample(p[torch.arange(b), n], uniform=streams.uniform(p.shape[-1], live))
 
 
 CASES = [("retrieval", 1.0, 1.0, "retrieval", "bf16"), ("triforce", 1.0, 1.0, "retrieval", "bf16"),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from triforce.sampling import check_sampling, process_logits, speculative_verify
+from triforce.sampling import RowStreams, check_sampling, process_logits, speculative_verify
 
 
 def test_top_p_keeps_smallest_nucleus():
@@ -19,14 +19,14 @@ def test_greedy_verification_is_longest_prefix_then_argmax():
     for draft, n_ok in (([3, 1, 4, 1], 4), ([3, 1, 2, 1], 2), ([0, 1, 4, 1], 0)):
         d = torch.tensor(draft)
         q = torch.nn.functional.one_hot(d, v).float()
-        n, nxt = speculative_verify(d, q, p, torch.Generator().manual_seed(0))
+        n, nxt = speculative_verify(d, q, p, RowStreams([0], 'cpu'))
         assert n == n_ok and int(nxt) == int(target[n])
 
 
 def test_acceptance_probability_is_min_one_p_over_q():
     p = torch.tensor([[0.2, 0.8], [0.5, 0.5]])
     q = torch.tensor([[0.6, 0.4]])
-    gen = torch.Generator().manual_seed(0)
+    gen = RowStreams([0], 'cpu')
     trials = 20000
     acc = sum(speculative_verify(torch.tensor([0]), q, p, gen)[0] for _ in range(trials)) / trials
     # accept token 0 with prob p/q = 1/3; the binomial standard error is ~0.0033

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from triforce.cache import KVCache
 from triforce.models.llama import Transformer
 from triforce.models.quant import QuantTransformer, refuse_quantized_target
-from triforce.sampling import draw_rows, process_logits, sample, speculative_verify_rows
+from triforce.sampling import RowStreams, process_logits, sample, speculative_verify_rows
 
 
 @dataclass
@@ -77,19 +77,20 @@ class Tier:
     graphed: object = None  # a triforce.graphs.GraphedModel replaying this tier's steps, or None
 
     def distributions(self, tokens: torch.Tensor, last: int, temperature: float, top_p: float,
-                      generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                      streams: RowStreams | None = None, live: list[bool] | None = None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Feed `tokens` [B, T]; processed distributions [B, last, V] of the last `last` positions
-        (None when 0) and, with one generator per row, a token [B] drawn from each row's last one.
-        Graphed when a graph fits the step."""
+        (None when 0) and, with the rows' random streams, a token [B] drawn from each row's last one
+        (rows not `live` draw without moving their streams). Graphed when a graph fits the step."""
         if self.graphed is not None and self.graphed.usable(tokens.shape[1], last):
-            return self.graphed.distributions(tokens, last, temperature, top_p, generators)
+            return self.graphed.distributions(tokens, last, temperature, top_p, streams, live)
         logits = self.model(tokens, self.cache, last=last)
         if not last:
             return None, None
         p = process_logits(logits.flatten(0, 1), temperature, top_p).view(logits.shape)
-        if generators is None:
+        if streams is None:
             return p, None
-        return p, sample(p[:, -1], uniform=draw_rows(p.shape[-1], p.device, generators))
+        return p, sample(p[:, -1], uniform=streams.uniform(p.shape[-1], live))
 
 
 class SpeculativeEngine:
@@ -145,8 +146,9 @@ class SpeculativeEngine:
         self.lens = [p.numel() for p in prompts]
         # a batch's lengths live on the device too, so its token windows and appends need no copy from the host
         self.lens_t = torch.tensor(self.lens, device=self.device) if self.batch > 1 else None
-        self.generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        self.spare = torch.Generator(device=self.device).manual_seed(0)  # draws of rows whose results are discarded
+        self.streams = RowStreams(seeds, self.device)
+        # BENCHMARK ONLY: the coin flips of injected acceptance (not the rows' streams)
+        self.injection_generator = torch.Generator(device=self.device).manual_seed(seeds[0])
         self.live = [True] * self.batch  # rows still generating (the top level's mask)
 
     def _positions(self, starts: torch.Tensor, t: int) -> torch.Tensor:
@@ -220,8 +222,9 @@ class SpeculativeEngine:
         for start in range(0, t, self.prefill_chunk):
             end = min(t, start + self.prefill_chunk)
             keep = max(0, n_rows - (t - end))
-            gens = None if not draw or end < t else self._streams(draw if isinstance(draw, list) else [True] * self.batch)
-            p, token = tier.distributions(window[:, start:end], keep, self.temperature, self.top_p, gens)
+            streams = self.streams if draw and end == t else None
+            p, token = tier.distributions(window[:, start:end], keep, self.temperature, self.top_p, streams,
+                                          draw if isinstance(draw, list) else None)
             if keep:
                 out.append(p)
         if self.sync_timing:
@@ -272,14 +275,13 @@ class SpeculativeEngine:
                 g = tier.gamma
                 draft, q = self._propose(level + 1, g, active=live)
                 p, _ = self._distributions(level, g + 1)
-                gens = self._streams(live)
                 rate = self._injected_rate(level)
                 if rate is not None:
                     n_t = self._injected(level, rate, g)
                     nxt = sample(p[torch.arange(batch, device=p.device), n_t],
-                                 uniform=draw_rows(p.shape[-1], p.device, gens))
+                                 uniform=self.streams.uniform(p.shape[-1], live))
                 else:
-                    n_t, nxt = speculative_verify_rows(draft, q, p, gens)
+                    n_t, nxt = speculative_verify_rows(draft, q, p, self.streams, live)
                 if self.group is not None:
                     verdict = self._agree(torch.cat((n_t, nxt)))
                     n_t, nxt = verdict[:batch], verdict[batch:]
@@ -328,10 +330,6 @@ class SpeculativeEngine:
         # the tokens are the rows' own: valid until the caller appends past them
         return self._span(start0, start0_t, n), out
 
-    def _streams(self, live: list[bool]) -> list[torch.Generator]:
-        """The rows' random streams, a throwaway one for rows whose draws are discarded."""
-        return [g if a else self.spare for g, a in zip(self.generators, live)]
-
     def _agree(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's `t` on every tensor-parallel rank (in place; a no-op without a group).
 
@@ -354,8 +352,8 @@ class SpeculativeEngine:
 
     def _injected(self, level: int, rate: float, g: int) -> torch.Tensor:
         """Accepted drafts [B] of a round of tier `level` at an injected per-token rate (a benchmark
-        may replay recorded counts per level instead). Drawn from the first row's stream."""
-        ok = torch.rand(self.batch, g, generator=self.generators[0], device=self.device) < rate
+        may replay recorded counts per level instead). Drawn from a generator of their own."""
+        ok = torch.rand(self.batch, g, generator=self.injection_generator, device=self.device) < rate
         return ok.cumprod(1).sum(1)
 
     # -------------------------------------------------------------------------------- public

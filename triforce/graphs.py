@@ -29,7 +29,7 @@ import torch
 
 from triforce.cache import KVCache
 from triforce.models.llama import ModelArgs, Transformer
-from triforce.sampling import draw_rows, process_logits, sample
+from triforce.sampling import RowStreams, process_logits, sample
 
 SPLIT_K_PROGRAMS = 2 * 160  # upper bound on the split-K kernel's programs (2 waves of a GPU's SMs)
 POOL_SEGMENT = 20 * 2 ** 20  # the caching allocator grows a pool by segments of up to this size
@@ -225,16 +225,17 @@ class GraphedModel:
         return self._run(tokens, last, lambda logits: (logits,), ())[0]
 
     def distributions(self, tokens: torch.Tensor, last: int, temperature: float, top_p: float,
-                      generators: list[torch.Generator] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Processed distributions [B, last, V] (a copy) and, with one generator per row, a token [B]
-        drawn from each row's last position (the graph's own buffer: copy it before the next replay).
+                      streams: RowStreams | None = None, live: list[bool] | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Processed distributions [B, last, V] (a copy) and, with the rows' random streams, a token
+        [B] drawn from each row's last position (the graph's own buffer: copy it before the next replay).
 
-        The uniforms of the draw come from the rows' generators outside the graph, exactly as the
-        eager path draws them, so graphed and eager steps sample the same tokens.
+        The uniforms of the draw come from the rows' streams outside the graph (one launch for all
+        rows), exactly as the eager path draws them, so graphed and eager steps sample the same tokens.
         """
-        draw = generators is not None
+        draw = streams is not None
         if draw:
-            draw_rows(self.uniform.shape[1], self.uniform.device, generators, out=self.uniform)
+            streams.uniform(self.uniform.shape[1], live, out=self.uniform)
 
         def head(logits):
             p = process_logits(logits.flatten(0, 1), temperature, top_p).view(logits.shape)

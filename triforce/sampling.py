@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from triforce.kernels.row_uniform import row_uniform, seed_key
+
 
 def check_sampling(temperature: float, top_p: float) -> None:
     if temperature < 0:
@@ -38,14 +40,34 @@ def draw_uniform(shape: tuple, device, generator: torch.Generator | None = None)
     return torch.rand(shape, generator=generator, device=device)
 
 
-def draw_rows(n: int, device, generators: list[torch.Generator | None], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Uniforms [B, n], row b from generators[b]: every sequence of a batch keeps its own random stream,
-    so a row's draws do not depend on which other rows share its batch."""
-    if out is None:
-        out = torch.empty(len(generators), n, device=device)
-    for b, g in enumerate(generators):
-        torch.rand(n, generator=g, device=device, out=out[b])
-    return out
+class RowStreams:
+    """One random stream per row of a batch, seeded per row, all drawn by one launch.
+
+    A row's draws depend only on its seed and on how many uniforms it drew before, never on the
+    other rows of its batch, so a batch row draws exactly what a single run of it draws. The state
+    (a key and a counter per row) lives on the device: drawing needs no host round-trip and no
+    launch per row (`triforce.kernels.row_uniform`).
+    """
+
+    def __init__(self, seeds: list[int], device):
+        self.keys = torch.tensor([seed_key(s) for s in seeds], dtype=torch.int64, device=device)
+        self.counters = torch.zeros(len(seeds), dtype=torch.int64, device=device)
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.counters.shape[0]
+
+    def uniform(self, n: int, live: list[bool] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Uniforms [B, n]; the streams of rows not `live` do not move (their draws are thrown away)."""
+        out = row_uniform(self.keys, self.counters, n, out)
+        if live is None or all(live):
+            self.counters += n
+        elif any(live):
+            key = tuple(live)
+            if key not in self._masks:  # the live set changes a few times per batch: one small tensor each
+                self._masks[key] = torch.tensor(live, dtype=torch.int64, device=self.counters.device)
+            self.counters.add_(self._masks[key], alpha=n)
+        return out
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
@@ -62,7 +84,7 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
 
 
 def speculative_verify(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
-                       generator: torch.Generator | None = None) -> tuple[int, torch.Tensor]:
+                       streams: RowStreams) -> tuple[int, torch.Tensor]:
     """Exact speculative sampling (Leviathan et al., Chen et al. 2023) of one sequence.
 
     draft [g] tokens drawn from q [g, V]; p [g+1, V] the verifier's distributions at the same
@@ -70,24 +92,24 @@ def speculative_verify(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
     rejection the replacement is drawn from norm(max(0, p_i - q_i)); if all g pass, a bonus token is
     drawn from p_g. Returns (number accepted, next token): `speculative_verify_rows` of a batch of one.
     """
-    n, nxt = speculative_verify_rows(draft[None], q[None], p[None], [generator])
+    n, nxt = speculative_verify_rows(draft[None], q[None], p[None], streams)
     return int(n[0]), nxt[0]
 
 
 def speculative_verify_rows(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
-                            generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`speculative_verify` of B sequences at once: draft [B, g], q [B, g, V], p [B, g+1, V], one
-    generator per row. Returns accepted counts [B] and next tokens [B], both on the device: nothing
+                            streams: RowStreams, live: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`speculative_verify` of B sequences at once: draft [B, g], q [B, g, V], p [B, g+1, V], the rows'
+    random streams (those of rows not `live` stay where they are: their results are thrown away). Returns accepted counts [B] and next tokens [B], both on the device: nothing
     here waits for the GPU, the caller reads the counts once, after every kernel of the round is queued.
-    Each row draws g uniforms, then V for its next token, from its own generator (the same draws as
+    Each row draws g uniforms, then V for its next token, from its own stream (the same draws as
     a single sequence's verification).
     """
     b, g = draft.shape
     if g == 0:
-        return torch.zeros(b, dtype=torch.long, device=p.device), sample(p[:, 0], uniform=draw_rows(p.shape[-1], p.device, generators))
+        return torch.zeros(b, dtype=torch.long, device=p.device), sample(p[:, 0], uniform=streams.uniform(p.shape[-1], live))
     px = p[:, :g].gather(2, draft[..., None])[..., 0]
     qx = q.gather(2, draft[..., None])[..., 0]
-    u = draw_rows(g, draft.device, generators)
+    u = streams.uniform(g, live)
     n_t = (u * qx < px).cumprod(1).sum(1)  # u < p/q without dividing; q(x) > 0 as x was drawn from q
     # the next token's distribution, picked on the device for whichever n it is: the residual
     # norm(max(0, p_n - q_n)) after a rejection, p_g (q_g taken as 0) when all g passed
@@ -98,5 +120,5 @@ def speculative_verify_rows(draft: torch.Tensor, q: torch.Tensor, p: torch.Tenso
     total = residual.sum(-1, keepdim=True)
     # p == q exactly leaves no residual mass; rejection then has probability 0 (guard only)
     dist = torch.where(total > 0, residual / total, p_n)
-    nxt = sample(dist, uniform=draw_rows(p.shape[-1], p.device, generators))
+    nxt = sample(dist, uniform=streams.uniform(p.shape[-1], live))
     return n_t, nxt

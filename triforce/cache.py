@@ -51,6 +51,15 @@ def device_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys: 
                              tail_start_t=tail_start)[None]
 
 
+def write_scalars(scalars: torch.Tensor, values: list[int]) -> None:
+    """One host-to-device copy of `values` into the int32 device tensor `scalars` (any shape).
+
+    From pageable host memory the copy is staged at once and queued behind the work already on the
+    stream, like a fill, so it waits for nothing and the host list may go away right after."""
+    host = torch.tensor(values, dtype=torch.int32).view(scalars.shape)
+    scalars.copy_(host, non_blocking=scalars.is_cuda)
+
+
 class KVCache:
     """Base: positions 0.. in sequence order, RoPE applied once when keys are written."""
 
@@ -58,6 +67,7 @@ class KVCache:
     graph_ready = False  # supports CUDA-graph capture of decode/verify steps
     batch_shared: tuple[str, ...] = ()  # per-layer tensors `Rows.build` stores batch-major, [L, B, ...]
     batch: dict | None = None  # those tensors for the whole batch, once built by `Rows.build`
+    scalar_names: tuple[str, ...] = ("len_t",)  # int32 device scalars a captured step reads (`prepare` writes them)
 
     def __init__(self, model: Transformer):
         self.rotary = model.rotary
@@ -67,13 +77,24 @@ class KVCache:
         self.dtype, self.device = model.dtype, model.device
         self.length = 0
         self.graph_mode = False
-        self.len_t = torch.zeros((), dtype=torch.int32, device=self.device)
+        self.bind_scalars(torch.zeros(len(self.scalar_names), dtype=torch.int32, device=self.device))
         self.zero_t = torch.zeros((), dtype=torch.int32, device=self.device)
         self.steps = torch.arange(64, device=self.device)
 
+    def bind_scalars(self, scalars: torch.Tensor) -> None:
+        """Keep the device scalars as the elements of one int32 vector (a batch's rows: of one matrix),
+        so refreshing them all is a single host-to-device copy."""
+        self.scalars = scalars
+        for i, name in enumerate(self.scalar_names):
+            setattr(self, name, scalars[i])
+
+    def scalar_values(self, n_new: int) -> list[int]:
+        """Host side of a graph replay: what `scalar_names` hold for the next step of n_new tokens."""
+        return [self.length]
+
     def prepare(self, n_new: int) -> None:
         """Host side of a graph replay: refresh the device scalars the graph reads."""
-        self.len_t.fill_(self.length)
+        write_scalars(self.scalars, self.scalar_values(n_new))
 
     def can_replay(self, n_new: int) -> bool:
         """False when this forward needs host logic (e.g. a re-selection): run it eagerly."""
@@ -128,6 +149,19 @@ class KVCache:
         `layer` for every row, read from the batch-major tensors."""
         raise NotImplementedError
 
+    def batch_begin(self, rows: "Rows", n_new: int) -> tuple | None:
+        """Graph mode: `begin` of every row of `rows` (caches of this kind, built by `Rows.build`) at
+        once, from their stacked device scalars; returns the stacked `device_view`s (cos, sin [B, T, D],
+        write [B, T], key counts [B], tail starts [B], key bound), or None where only row-by-row
+        begins apply. A step then costs the same few kernels at any batch size, not a few per row."""
+        return None
+
+    def _batch_positions(self, rows: "Rows", n_new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Positions len + 0 .. n_new-1 of every row [B, T] and their cos/sin [B, T, D]."""
+        pos = rows.scalars[:, self.scalar_names.index("len_t"), None] + self.steps[:n_new]
+        cos, sin = self.rotary.cos_sin(pos.reshape(-1), self.dtype)
+        return pos, cos.view(*pos.shape, -1), sin.view(*pos.shape, -1)
+
 
 class Rows(KVCache):
     """B caches of one kind behind the interface of one, so one forward serves a batch of sequences.
@@ -145,6 +179,10 @@ class Rows(KVCache):
             raise ValueError("Rows needs one or more caches of one kind")
         self._rows = list(rows)
         self.shares_target_kv, self.graph_ready = rows[0].shares_target_kv, rows[0].graph_ready
+        # every row's device scalars in one [B, k] matrix: a step's refresh is one copy, not k per row
+        self.scalars = torch.stack([r.scalars for r in rows])
+        for b, r in enumerate(rows):
+            r.bind_scalars(self.scalars[b])
         self._step = None  # the stacked per-row device view of the current graph-mode step
 
     @classmethod
@@ -193,8 +231,7 @@ class Rows(KVCache):
         return getattr(self._rows[0], name)
 
     def prepare(self, n_new: int) -> None:
-        for r in self._rows:
-            r.prepare(n_new)
+        write_scalars(self.scalars, [x for r in self._rows for x in r.scalar_values(n_new)])
 
     def can_replay(self, n_new: int) -> bool:
         return all(r.can_replay(n_new) for r in self._rows)
@@ -203,9 +240,13 @@ class Rows(KVCache):
         return tuple(r.graph_key() for r in self._rows)
 
     def begin(self, n_new: int) -> None:
+        self._step = None
+        if self.graph_mode and self._rows[0].batch is not None:
+            self._step = self._rows[0].batch_begin(self, n_new)
+            if self._step is not None:
+                return
         for r in self._rows:
             r.begin(n_new)
-        self._step = None
         if self.graph_mode and self._rows[0].batch is not None:
             views = [r.device_view() for r in self._rows]
             keys = {r.graph_key()[:1] for r in self._rows}  # a selection's view kind must agree
@@ -264,9 +305,9 @@ class FullCache(KVCache):
             raise ValueError(f"{self.length + n_new} tokens exceed the cache's {self.max_length}: "
                              f"shorten the prompt or max_new_tokens")
 
-    def prepare(self, n_new: int) -> None:
+    def scalar_values(self, n_new: int) -> list[int]:
         self._check(n_new)
-        super().prepare(n_new)
+        return super().scalar_values(n_new)
 
     def begin(self, n_new: int) -> None:
         if not self.graph_mode:
@@ -287,6 +328,11 @@ class FullCache(KVCache):
 
     def device_view(self) -> tuple:
         return self.cos, self.sin, self.pos_t, self.end_t, self.zero_t, self.max_length
+
+    def batch_begin(self, rows: Rows, n_new: int) -> tuple:
+        pos, cos, sin = self._batch_positions(rows, n_new)
+        zeros = torch.zeros(pos.shape[0], dtype=torch.int32, device=self.device)
+        return cos, sin, pos, pos[:, -1] + 1, zeros, self.max_length
 
     def batch_keys(self, layer: int) -> tuple:
         return self.batch["k"][layer], self.batch["v"][layer], None
@@ -332,6 +378,8 @@ class StreamingCache(KVCache):
 
     graph_ready = True
     batch_shared = ("k", "v", "sink_k")
+    # the host's view of the next step, read by its graph: length, write slot, view start, keys, sink shift
+    scalar_names = ("len_t", "write_slot_t", "view_start_t", "n_keys_t", "shift_t")
 
     def __init__(self, model: Transformer, sinks: int, window: int, slack: int = 64,
                  max_forward: int = 512, position_shift: bool = True):
@@ -351,9 +399,6 @@ class StreamingCache(KVCache):
                                                           self.dtype))
         self.sink_pos = torch.arange(sinks, device=self.device)
         self.sink_idx = self.sink_pos.int().expand(self.n_kv_heads, -1).contiguous()  # the attention's chunk list
-        # the host's view of the next step, read by its graph: write slot, view start, keys, sink shift
-        self.write_slot_t, self.view_start_t, self.n_keys_t, self.shift_t = (
-            torch.zeros((), dtype=torch.int32, device=self.device) for _ in range(4))
         self.start = sinks  # sequence position held in slot `sinks` (first kept recent token)
 
     def reset(self) -> None:
@@ -366,14 +411,10 @@ class StreamingCache(KVCache):
     def can_replay(self, n_new: int) -> bool:
         return self.length >= self.sinks  # the graph assumes every sink is in place
 
-    def prepare(self, n_new: int) -> None:
+    def scalar_values(self, n_new: int) -> list[int]:
         self._place(n_new)
         n_sink, a, b = self.view
-        for t, x in zip((self.write_slot_t, self.view_start_t, self.n_keys_t, self.shift_t),
-                        (self._slot(self.length), a, n_sink + b - a, a - n_sink)):
-            t.fill_(x)
-        if not self.position_shift:
-            super().prepare(n_new)
+        return [self.length, self._slot(self.length), a, n_sink + b - a, a - n_sink]
 
     def _place(self, n_new: int) -> None:
         """Host side: compact when full, then place the view (sinks + recent window + new)."""
@@ -448,6 +489,19 @@ class StreamingCache(KVCache):
             return None
         return self.cos, self.sin, self.write_t, self.n_keys_t, self.view_start_t, self.max_keys
 
+    def batch_begin(self, rows: Rows, n_new: int) -> tuple | None:
+        if not self.position_shift:
+            return None
+        at = rows.scalars.unbind(1)
+        i = self.scalar_names.index
+        write = at[i("write_slot_t")][:, None] + self.steps[:n_new]
+        if self.sinks:  # every row's sinks re-rotated in one go: [L, B, KVH, sinks, D] by cos/sin [B, sinks, D]
+            cs = self.rope_table[:, at[i("shift_t")][:, None] + self.sink_pos]
+            self.batch["k"][:, :, :, :self.sinks] = apply_rope(self.batch["sink_k"], cs[0][None, :, None], cs[1][None, :, None])
+        cs = self.rope_table[:, write]
+        return (cs[0], cs[1], write, at[i("n_keys_t")].contiguous(), at[i("view_start_t")].contiguous(),
+                self.sinks + self.window + n_new)
+
     def batch_keys(self, layer: int) -> tuple:
         if self.sinks and "sink_idx" not in self.batch:
             self.batch["sink_idx"] = self.sink_idx.expand(self.batch["k"].shape[1], -1, -1).contiguous()
@@ -477,6 +531,7 @@ class SelectionCache(KVCache):
     shares_target_kv = True
     graph_ready = True  # policies that attend to modified copies (quantized KV) set this False
     batch_shared = ("sel_idx",)
+    scalar_names = ("len_t", "full_len_t", "boundary_t")
 
     def __init__(self, full: FullCache, model: Transformer, budget: int, chunk_size: int = 8,
                  reselect: str | int = "once"):
@@ -485,8 +540,6 @@ class SelectionCache(KVCache):
             raise ValueError(f"a draft cache needs chunk_size >= 1 and budget >= chunk_size (got {chunk_size}, {budget})")
         self.sel_idx = torch.zeros(self.n_layers, self.n_kv_heads, (budget // chunk_size) * chunk_size,
                                    dtype=torch.int32, device=self.device)
-        self.full_len_t = torch.zeros((), dtype=torch.int32, device=self.device)
-        self.boundary_t = torch.zeros((), dtype=torch.int32, device=self.device)
         if not (reselect in ("once", "round") or (isinstance(reselect, int) and reselect > 0)):
             raise ValueError(f"reselect must be 'once', 'round' or a positive token count, got {reselect!r}")
         self.full, self.chunk, self.reselect = full, chunk_size, reselect
@@ -516,10 +569,8 @@ class SelectionCache(KVCache):
     def can_replay(self, n_new: int) -> bool:
         return self.graph_ready and not self.select_next
 
-    def prepare(self, n_new: int) -> None:
-        super().prepare(n_new)
-        self.full_len_t.fill_(self.full.length)
-        self.boundary_t.fill_(self.boundary)
+    def scalar_values(self, n_new: int) -> list[int]:
+        return super().scalar_values(n_new) + [self.full.length, self.boundary]
 
     def begin(self, n_new: int) -> None:
         super().begin(n_new)
@@ -590,6 +641,20 @@ class SelectionCache(KVCache):
         if self.full_view:
             return self.cos, self.sin, self.write_t, self.n_keys_t, self.zero_t, self.full.max_length
         return self.cos, self.sin, self.write_t, self.n_keys_t, self.boundary_t, self.max_keys
+
+    def batch_begin(self, rows: Rows, n_new: int) -> tuple | None:
+        if not self.full.device_resident or self.full.batch is None or len({r.full_view for r in rows.rows}) != 1:
+            return None
+        at = rows.scalars.unbind(1)
+        i = self.scalar_names.index
+        pos, cos, sin = self._batch_positions(rows, n_new)
+        end = pos[:, -1] + 1
+        write = torch.where(pos < at[i("full_len_t")][:, None], self.full.max_length, pos)
+        if self.full_view:
+            zeros = torch.zeros(pos.shape[0], dtype=torch.int32, device=self.device)
+            return cos, sin, write, end, zeros, self.full.max_length
+        boundary = at[i("boundary_t")]
+        return cos, sin, write, self.budget + end - boundary, boundary.contiguous(), max(r.max_keys for r in rows.rows)
 
     def batch_keys(self, layer: int) -> tuple:
         store = self.full.batch

@@ -18,6 +18,7 @@ Sampling: temperature 0.6, top_p 1 (every row of every pipeline draws; no nucleu
 
     python scripts/bench_batch.py [--batches 1 4 16 32 64] [--shapes q15_8k q15_32k llama7b_32k]
     python scripts/bench_batch.py --smoke      # CPU: toy shapes, every part runs, numbers mean nothing
+    python scripts/bench_batch.py --merge A.json B.json --out results/batch_h200.json   # runs of other shapes, one file
 Writes results/batch_<gpu>.json (+ .png, speedup against batch size) with a `summary`.
 """
 from __future__ import annotations
@@ -268,7 +269,50 @@ def summarize(out: dict) -> dict:
         ar16 = next((r for r in q["e2e"] if r["pipeline"] == "autoregressive" and r["batch"] == 16), None)
         if "ms_per_step" in hf and ar16:
             s["batch_ar_speedup_vs_hf_b16"] = hf["ms_per_step"] / ar16["ms_per_step_per_row"]
+        best = sp.get("32")
+        row = best and next((r for r in q["e2e"] if r["batch"] == 32 and r["pipeline"] == best["pipeline"]
+                             and r["gamma"] == best["gamma"] and r["injected"] == 0.9), None)
+        if row is not None:  # what bounds the best B=32 run: its steps, and rounds lost to the batch's slowest row
+            tiers, new = row["tiers"], row["tokens"] // row["batch"]
+            draft = next(k for k in tiers if k != "target")
+            s["batch32_best_breakdown_q15_32k"] = {
+                "pipeline": row["pipeline"], "gamma": row["gamma"], "wall_ms": row["tokens"] / row["tokens_per_second"] * 1e3,
+                "draft_step_ms": tiers[draft]["ms_per_forward"], "verify_step_ms": tiers["target"]["ms_per_forward"],
+                "target_rounds": tiers["target"]["forwards"],
+                "mean_row_rounds": new / tiers["target"]["mean_accepted_length"],
+                "outside_forwards_ms": row["outside_forwards_ms"]}
+        s["targets"] = targets(s)
     return s
+
+
+def targets(s: dict) -> dict:
+    """Each target of the batched-speculation work, met or missed by how much."""
+    def check(value, ok: bool) -> str:
+        return "not measured" if value is None else f"{'met' if ok else 'missed'} ({value:.2f})"
+    x, f, h = (s.get(k) for k in ("batch32_speedup_vs_batched_ar_q15_32k", "batch_ar_over_floor_q15_32k_b32",
+                                  "batch_ar_speedup_vs_hf_b16"))
+    grows = s.get("speedup_grows_b4_to_b32")
+    return {"batch32_speedup_vs_batched_ar_q15_32k >= 2.5": check(x, x is not None and x >= 2.5),
+            "speedup grows from B=4 to B=32": "not measured" if grows is None else ("met" if grows else "missed"),
+            "batch_ar_over_floor_q15_32k_b32 <= 1.2": check(f, f is not None and f <= 1.2),
+            "batch_ar_speedup_vs_hf_b16 >= 5": check(h, h is not None and h >= 5)}
+
+
+def merge(paths: list[Path], out_path: Path) -> dict:
+    """One file from runs of different shapes (the first run's header; a later run's shape replaces an earlier one)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    out = {k: v for k, v in runs[0].items() if k not in ("shapes", "summary")}
+    shapes: dict = {}
+    for r in runs:
+        for shape in r["shapes"]:
+            shapes[shape["shape"]] = shape
+    out["shapes"] = list(shapes.values())
+    out["merged_from"] = [{"file": p.name, "shapes": [x["shape"] for x in r["shapes"]], "bandwidth_gb_s": r["bandwidth_gb_s"]}
+                          for p, r in zip(paths, runs)]
+    out["summary"] = summarize(out)
+    out_path.write_text(json.dumps(out, indent=1))
+    plot(out, out_path.with_suffix(".png"))
+    return out
 
 
 def plot(out: dict, path: Path) -> None:
@@ -294,10 +338,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32, 64])
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="CPU (or GPU) at toy sizes: every part runs, numbers mean nothing")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON", help="join runs of other shapes (needs --out)")
     args = ap.parse_args(argv)
+    if args.merge:
+        if args.out is None:
+            ap.error("--merge needs --out")
+        out = merge(args.merge, args.out)
+        print(json.dumps(out["summary"], indent=1))
+        return out
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type != "cuda" and not args.smoke:
         raise SystemExit("error: bench_batch.py measures GPU steps; on a CPU run it with --smoke")

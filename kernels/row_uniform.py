@@ -5,18 +5,18 @@ other rows share its batch. With one torch.Generator per row that costs a launch
 at 32 rows a drafting tier's host time per step then outweighs its step on the GPU. Here a row's
 stream is a key (two 32-bit words derived from its seed) and a counter on the device: element j of
 a draw is a keyed hash of counter + j, and the counter then moves past what was drawn. The hash is
-integer arithmetic, so the Triton kernel and the torch reference are bitwise equal: CPU and GPU,
+integer arithmetic, so the Triton kernel and the numpy reference are bitwise equal: CPU and GPU,
 eager and graphed steps, one row alone or in any batch, draw the same numbers from the same seed.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._common import tl, triton, use_triton
 
 M32 = 0xFFFFFFFF
-# odd multipliers below 2**31: the reference multiplies 32-bit values in int64 without overflow
-MUL_A, MUL_B = 0x7FEB352D, 0x31848BAB
+MUL_A, MUL_B = 0x7FEB352D, 0x31848BAB  # odd 32-bit multipliers of the mixing rounds
 BLOCK = 1024
 
 
@@ -29,23 +29,26 @@ def seed_key(seed: int) -> tuple[int, int]:
     return z & M32, z >> 32
 
 
-def _mix_reference(x: torch.Tensor, mul: int) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = (x * mul) & M32
-    return x ^ (x >> 15)
+def _mix_reference(x: np.ndarray, mul: int) -> np.ndarray:
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(mul)  # uint32 arithmetic wraps, as the kernel's
+    return x ^ (x >> np.uint32(15))
 
 
 def row_uniform_reference(keys: torch.Tensor, counters: torch.Tensor, n: int) -> torch.Tensor:
     """Uniforms [B, n] in [0, 1) (multiples of 2**-24, float32): row b hashes counters[b] + 0 .. n-1
-    under keys[b] (int64 [B, 2], 32-bit words)."""
-    idx = counters[:, None] + torch.arange(n, device=counters.device)
-    lo, hi = idx & M32, (idx >> 32) & M32
-    k0, k1 = keys[:, :1], keys[:, 1:]
-    h = _mix_reference(lo ^ k0, MUL_A)
-    h = _mix_reference(h ^ hi ^ k1, MUL_B)
-    h = _mix_reference((h + k0) & M32, MUL_A)
-    h = h ^ (h >> 16)
-    return (h >> 8).float() * 2.0 ** -24
+    under keys[b] (int64 [B, 2], 32-bit words). In numpy's uint32 arithmetic: the kernel's own
+    integer semantics, and on a CPU far fewer passes over the row than int64 torch ops with masks."""
+    idx = counters.cpu().numpy().astype(np.uint64)[:, None] + np.arange(n, dtype=np.uint64)
+    lo, hi = (idx & np.uint64(M32)).astype(np.uint32), (idx >> np.uint64(32)).astype(np.uint32)
+    k = keys.cpu().numpy().astype(np.uint32)
+    k0, k1 = k[:, :1], k[:, 1:]
+    with np.errstate(over="ignore"):
+        h = _mix_reference(lo ^ k0, MUL_A)
+        h = _mix_reference(h ^ hi ^ k1, MUL_B)
+        h = _mix_reference(h + k0, MUL_A)
+    h = h ^ (h >> np.uint32(16))
+    return torch.from_numpy((h >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)).to(counters.device)
 
 
 if triton is not None:

@@ -27,7 +27,9 @@ from triforce.policies import make_policy
 # target, 0.5B draft), about 4x the time: see the module docstring
 MODEL = os.environ.get("TRIFORCE_REAL_MODEL", "qwen2.5-coder-0.5b")
 NEW_TOKENS = 16
-SOURCE = Path(triforce.__file__).resolve().parent / "sampling.py"  # real Python, shipped with the package
+# real Python (the start of an earlier triforce/sampling.py), kept fixed: a prompt read from a module
+# under development changes with every edit of it, and the draft's acceptance with it
+SOURCE = Path(__file__).resolve().parent / "data" / "code_prompt.py.txt"
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,7 @@ import torch
 from omegaconf import DictConfig
 
 from triforce.models.llama import Transformer, cache_dir
+from triforce.sampling import RowStreams
 
 GAMMAS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # target gamma candidates
 DRAFT_GAMMAS = (1, 2, 3, 4, 6, 8)  # middle-tier gamma candidates (tiny draft steps per retrieval round)
@@ -322,11 +323,11 @@ class Chooser:
                     tier.model(engine.seq[None, a:min(n, a + engine.prefill_chunk)], cache, last=0)
         base = cache.length
         ids = engine.seq[:engine.seq_len]
-        gen = torch.Generator(device=engine.device).manual_seed(0)  # not the engine's: the run stays seeded
+        gen = RowStreams([0], engine.device)  # not the engine's: the run stays seeded
         sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
         if getattr(cache, "select_next", False):  # the retrieval tier's one-off selection step
             s0 = time.perf_counter()
-            tier.distributions(ids[None, -1:], 1, engine.temperature, engine.top_p, [gen])
+            tier.distributions(ids[None, -1:], 1, engine.temperature, engine.top_p, gen)
             sync()
             extra["select_ms"] = 1e3 * (time.perf_counter() - s0)
             cache.truncate(base)
@@ -334,11 +335,13 @@ class Chooser:
         for t in missing:
             tokens = ids[-t:] if ids.numel() >= t else ids.repeat(t // ids.numel() + 1)[:t]
             times = []
-            for _ in range(3 if engine.device.type == "cuda" else 2):  # the first is a warm-up (the graph capture on GPU)
+            # the first is a warm-up (the graph capture on GPU); the minimum of the rest, so that a
+            # busy moment of a shared CPU does not pass for the step's cost
+            for _ in range(3 if engine.device.type == "cuda" else 4):
                 cache.truncate(base)
                 sync()
                 s0 = time.perf_counter()
-                tier.distributions(tokens[None], t, engine.temperature, engine.top_p, [gen] if t == 1 else None)
+                tier.distributions(tokens[None], t, engine.temperature, engine.top_p, gen if t == 1 else None)
                 sync()
                 times.append(1e3 * (time.perf_counter() - s0))
             got[t] = min(times[1:])

@@ -323,11 +323,11 @@ class Chooser:
                     tier.model(engine.seq[None, a:min(n, a + engine.prefill_chunk)], cache, last=0)
         base = cache.length
         ids = engine.seq[:engine.seq_len]
-        gen = RowStreams([0], engine.device)  # not the engine's: the run stays seeded
+        streams = RowStreams([0], engine.device)  # not the engine's: the run stays seeded
         sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
         if getattr(cache, "select_next", False):  # the retrieval tier's one-off selection step
             s0 = time.perf_counter()
-            tier.distributions(ids[None, -1:], 1, engine.temperature, engine.top_p, gen)
+            tier.distributions(ids[None, -1:], 1, engine.temperature, engine.top_p, streams)
             sync()
             extra["select_ms"] = 1e3 * (time.perf_counter() - s0)
             cache.truncate(base)
@@ -341,7 +341,7 @@ class Chooser:
                 cache.truncate(base)
                 sync()
                 s0 = time.perf_counter()
-                tier.distributions(tokens[None], t, engine.temperature, engine.top_p, gen if t == 1 else None)
+                tier.distributions(tokens[None], t, engine.temperature, engine.top_p, streams if t == 1 else None)
                 sync()
                 times.append(1e3 * (time.perf_counter() - s0))
             got[t] = min(times[1:])

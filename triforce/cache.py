@@ -156,9 +156,13 @@ class KVCache:
         begins apply. A step then costs the same few kernels at any batch size, not a few per row."""
         return None
 
+    def _column(self, rows: "Rows", name: str) -> torch.Tensor:
+        """Device scalar `name` of every row [B] (a column of the batch's scalar matrix)."""
+        return rows.scalars[:, self.scalar_names.index(name)]
+
     def _batch_positions(self, rows: "Rows", n_new: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Positions len + 0 .. n_new-1 of every row [B, T] and their cos/sin [B, T, D]."""
-        pos = rows.scalars[:, self.scalar_names.index("len_t"), None] + self.steps[:n_new]
+        pos = self._column(rows, "len_t")[:, None] + self.steps[:n_new]
         cos, sin = self.rotary.cos_sin(pos.reshape(-1), self.dtype)
         return pos, cos.view(*pos.shape, -1), sin.view(*pos.shape, -1)
 
@@ -492,14 +496,13 @@ class StreamingCache(KVCache):
     def batch_begin(self, rows: Rows, n_new: int) -> tuple | None:
         if not self.position_shift:
             return None
-        at = rows.scalars.unbind(1)
-        i = self.scalar_names.index
-        write = at[i("write_slot_t")][:, None] + self.steps[:n_new]
+        write = self._column(rows, "write_slot_t")[:, None] + self.steps[:n_new]
         if self.sinks:  # every row's sinks re-rotated in one go: [L, B, KVH, sinks, D] by cos/sin [B, sinks, D]
-            cs = self.rope_table[:, at[i("shift_t")][:, None] + self.sink_pos]
+            cs = self.rope_table[:, self._column(rows, "shift_t")[:, None] + self.sink_pos]
             self.batch["k"][:, :, :, :self.sinks] = apply_rope(self.batch["sink_k"], cs[0][None, :, None], cs[1][None, :, None])
         cs = self.rope_table[:, write]
-        return (cs[0], cs[1], write, at[i("n_keys_t")].contiguous(), at[i("view_start_t")].contiguous(),
+        return (cs[0], cs[1], write, self._column(rows, "n_keys_t").contiguous(),
+                self._column(rows, "view_start_t").contiguous(),
                 self.sinks + self.window + n_new)
 
     def batch_keys(self, layer: int) -> tuple:
@@ -645,15 +648,13 @@ class SelectionCache(KVCache):
     def batch_begin(self, rows: Rows, n_new: int) -> tuple | None:
         if not self.full.device_resident or self.full.batch is None or len({r.full_view for r in rows.rows}) != 1:
             return None
-        at = rows.scalars.unbind(1)
-        i = self.scalar_names.index
         pos, cos, sin = self._batch_positions(rows, n_new)
         end = pos[:, -1] + 1
-        write = torch.where(pos < at[i("full_len_t")][:, None], self.full.max_length, pos)
+        write = torch.where(pos < self._column(rows, "full_len_t")[:, None], self.full.max_length, pos)
         if self.full_view:
             zeros = torch.zeros(pos.shape[0], dtype=torch.int32, device=self.device)
             return cos, sin, write, end, zeros, self.full.max_length
-        boundary = at[i("boundary_t")]
+        boundary = self._column(rows, "boundary_t")
         return cos, sin, write, self.budget + end - boundary, boundary.contiguous(), max(r.max_keys for r in rows.rows)
 
     def batch_keys(self, layer: int) -> tuple:

@@ -54,9 +54,6 @@ class RowStreams:
         self.counters = torch.zeros(len(seeds), dtype=torch.int64, device=device)
         self._masks: dict[tuple, torch.Tensor] = {}
 
-    def __len__(self) -> int:
-        return self.counters.shape[0]
-
     def uniform(self, n: int, live: list[bool] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Uniforms [B, n]; the streams of rows not `live` do not move (their draws are thrown away)."""
         out = row_uniform(self.keys, self.counters, n, out)
@@ -99,18 +96,19 @@ def speculative_verify(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
 def speculative_verify_rows(draft: torch.Tensor, q: torch.Tensor, p: torch.Tensor,
                             streams: RowStreams, live: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`speculative_verify` of B sequences at once: draft [B, g], q [B, g, V], p [B, g+1, V], the rows'
-    random streams (those of rows not `live` stay where they are: their results are thrown away). Returns accepted counts [B] and next tokens [B], both on the device: nothing
-    here waits for the GPU, the caller reads the counts once, after every kernel of the round is queued.
-    Each row draws g uniforms, then V for its next token, from its own stream (the same draws as
-    a single sequence's verification).
+    random streams (those of rows not `live` stay where they are: their results are thrown away).
+    Returns accepted counts [B] and next tokens [B], both on the device: nothing here waits for the
+    GPU, the caller reads the counts once, after every kernel of the round is queued.
+    Each row draws g uniforms for the accept tests, then V for its next token, from its own stream
+    (the same draws as a single sequence's verification), in one draw of g + V.
     """
     b, g = draft.shape
     if g == 0:
         return torch.zeros(b, dtype=torch.long, device=p.device), sample(p[:, 0], uniform=streams.uniform(p.shape[-1], live))
     px = p[:, :g].gather(2, draft[..., None])[..., 0]
     qx = q.gather(2, draft[..., None])[..., 0]
-    u = streams.uniform(g, live)
-    n_t = (u * qx < px).cumprod(1).sum(1)  # u < p/q without dividing; q(x) > 0 as x was drawn from q
+    u = streams.uniform(g + p.shape[-1], live)
+    n_t = (u[:, :g] * qx < px).cumprod(1).sum(1)  # u < p/q without dividing; q(x) > 0 as x was drawn from q
     # the next token's distribution, picked on the device for whichever n it is: the residual
     # norm(max(0, p_n - q_n)) after a rejection, p_g (q_g taken as 0) when all g passed
     rows = torch.arange(b, device=p.device)
@@ -120,5 +118,5 @@ def speculative_verify_rows(draft: torch.Tensor, q: torch.Tensor, p: torch.Tenso
     total = residual.sum(-1, keepdim=True)
     # p == q exactly leaves no residual mass; rejection then has probability 0 (guard only)
     dist = torch.where(total > 0, residual / total, p_n)
-    nxt = sample(dist, uniform=streams.uniform(p.shape[-1], live))
+    nxt = sample(dist, uniform=u[:, g:])
     return n_t, nxt

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import HAS_TRITON, check_head_dim, next_pow2, target_programs, tl, triton
+from ._common import HAS_TRITON, check_head_dim, next_pow2, pdl_wait, target_programs, tl, triton, use_pdl
 
 if HAS_TRITON:
 
@@ -26,7 +26,9 @@ if HAS_TRITON:
                         n_sel_tok, tail_start, n_keys, T, G, KVH, keys_per_split, scale_log2,
                         CHUNK: tl.constexpr, SPARSE: tl.constexpr, D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        STORE_LSE: tl.constexpr, PREC: tl.constexpr, DEVICE_LEN: tl.constexpr):
+                        STORE_LSE: tl.constexpr, PREC: tl.constexpr, DEVICE_LEN: tl.constexpr,
+                        PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         split, bk, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # bk = b * KVH + kvh
         b, kvh = (bk // KVH).to(tl.int64), bk % KVH  # int64: b * sk_b can pass 2**31 in a [B, L, ...] store
         if DEVICE_LEN:  # this row's lengths from device memory (CUDA graphs); n_keys above was only the plan's bound
@@ -78,7 +80,8 @@ if HAS_TRITON:
     @triton.jit
     def _reduce_kernel(O, LSE, OUT, n_splits, T, H,
                        so_s, so_b, so_h, so_t, sl_s, sout_b, sout_h, sout_t,
-                       D: tl.constexpr, BLOCK_S: tl.constexpr):
+                       D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         row = tl.program_id(0)  # (b * H + head) * T + t
         b, head, t = row // (H * T), row // T % H, row % T
         s = tl.arange(0, BLOCK_S)
@@ -170,6 +173,7 @@ def split_k_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys:
         snk = _row_lengths(n_keys_t, "n_keys_t", b, batched)
         sts = _row_lengths(tail_start_t, "tail_start_t", b, batched)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    pdl = use_pdl(q, b * kvh * n_keys * d * 2 * k.element_size())
     if num_stages is None:  # 3 stages measured best on H100 (bf16, D=128); fp32 tiles are twice the smem
         num_stages = 2 if k.dtype == torch.float32 else 3
     _partial_kernel[(splits, b * kvh, row_blocks)](
@@ -178,8 +182,10 @@ def split_k_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys:
         *so, lse.stride(0) if splits > 1 else 0,
         n_sel_tok, tail_start, n_keys, t, g, kvh, keys_per_split, d ** -0.5 * 1.4426950408889634,
         CHUNK=chunk, SPARSE=sparse, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        STORE_LSE=splits > 1, PREC=prec, DEVICE_LEN=device_len, num_warps=num_warps, num_stages=num_stages)
+        STORE_LSE=splits > 1, PREC=prec, DEVICE_LEN=device_len, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        num_stages=num_stages)
     if splits > 1:
         _reduce_kernel[(b * h * t,)](o_part, lse, out4, splits, t, h, *so, lse.stride(0),
-                                     *out4.stride()[:3], D=d, BLOCK_S=next_pow2(splits), num_warps=4)
+                                     *out4.stride()[:3], D=d, BLOCK_S=next_pow2(splits), PDL=pdl, launch_pdl=pdl,
+                                     num_warps=4)
     return out

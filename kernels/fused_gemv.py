@@ -20,51 +20,66 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, target_programs, tl, triton
-from .gemv import MAX_ROWS
+from ._common import HAS_TRITON, pdl_wait, tl, triton, use_pdl
+from .gemv import MAX_ROWS, dot_config, one_row_config
 
 if triton is not None:
 
     @triton.jit
+    def _add_norm_acc(acc, ss, w, X, DELTA, G, RES, k, k_ok, m, M, sxm, sdm, srm, write_res,
+                      HAS_DELTA: tl.constexpr, DOT: tl.constexpr):
+        """One BLOCK_K slice: (acc + (x*g) . w, ss + x^2), x = X (+ DELTA, stored to RES by `write_res`)."""
+        g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
+        if DOT:
+            ok = (m[:, None] < M) & k_ok[None, :]
+            x = tl.load(X + m[:, None] * sxm + k[None, :], mask=ok, other=0.0)
+            if HAS_DELTA:  # the residual add, rounded as the unfused add rounds it
+                d = tl.load(DELTA + m[:, None] * sdm + k[None, :], mask=ok, other=0.0)
+                x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
+                if write_res:
+                    tl.store(RES + m[:, None] * srm + k[None, :], x, mask=ok)
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            acc += tl.dot((xf * g[None, :]).to(w.dtype), tl.trans(w))
+        else:
+            x = tl.load(X + k, mask=k_ok, other=0.0)
+            if HAS_DELTA:
+                d = tl.load(DELTA + k, mask=k_ok, other=0.0)
+                x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
+                if write_res:
+                    tl.store(RES + k, x, mask=k_ok)
+            xf = x.to(tl.float32)
+            ss += xf * xf
+            acc += tl.sum(w.to(tl.float32) * (xf * g)[None, :], 1)
+        return acc, ss
+
+    @triton.jit
     def _add_norm_gemv_kernel(X, DELTA, G, W, BIAS, Y, RES, M, N, K, sxm, sdm, swn, sym, srm, eps,
                               HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                              PDL: tl.constexpr = False):
         pid = tl.program_id(0)
         n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
+        m = tl.arange(0, BLOCK_M)
         if DOT:  # several rows: tensor cores on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
-            m = tl.arange(0, BLOCK_M)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             ss = tl.zeros([BLOCK_M], tl.float32)
         else:  # one row: a multiply-add per weight element
             acc = tl.zeros([BLOCK_N], tl.float32)
             ss = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # the first weight slice is read before waiting for the kernels that write x and delta (PDL)
+        k = tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        pdl_wait(PDL)
+        acc, ss = _add_norm_acc(acc, ss, w, X, DELTA, G, RES, k, k_ok, m, M, sxm, sdm, srm, pid == 0, HAS_DELTA, DOT)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
             w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
-            if DOT:
-                ok = (m[:, None] < M) & k_ok[None, :]
-                x = tl.load(X + m[:, None] * sxm + k[None, :], mask=ok, other=0.0)
-                if HAS_DELTA:  # the residual add, rounded as the unfused add rounds it
-                    d = tl.load(DELTA + m[:, None] * sdm + k[None, :], mask=ok, other=0.0)
-                    x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
-                    if pid == 0:
-                        tl.store(RES + m[:, None] * srm + k[None, :], x, mask=ok)
-                xf = x.to(tl.float32)
-                ss += tl.sum(xf * xf, 1)
-                acc += tl.dot((xf * g[None, :]).to(W.dtype.element_ty), tl.trans(w))
-            else:
-                x = tl.load(X + k, mask=k_ok, other=0.0)
-                if HAS_DELTA:
-                    d = tl.load(DELTA + k, mask=k_ok, other=0.0)
-                    x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
-                    if pid == 0:
-                        tl.store(RES + k, x, mask=k_ok)
-                xf = x.to(tl.float32)
-                ss += xf * xf
-                acc += tl.sum(w.to(tl.float32) * (xf * g)[None, :], 1)
+            acc, ss = _add_norm_acc(acc, ss, w, X, DELTA, G, RES, k, k_ok, m, M, sxm, sdm, srm, pid == 0,
+                                    HAS_DELTA, DOT)
         if HAS_BIAS:
             b = tl.load(BIAS + n, mask=n_ok, other=0.0).to(tl.float32)
         else:
@@ -77,30 +92,42 @@ if triton is not None:
             tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
 
     @triton.jit
+    def _swiglu_acc(acc, w, GU, k, k_ok, m, M, sgm, K, DOT: tl.constexpr):
+        """acc + silu(gate) * up . w for one BLOCK_K slice."""
+        if DOT:
+            ok = (m[:, None] < M) & k_ok[None, :]
+            gate = tl.load(GU + m[:, None] * sgm + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            up = tl.load(GU + m[:, None] * sgm + K + k[None, :], mask=ok, other=0.0).to(tl.float32)
+            h = (gate * tl.sigmoid(gate) * up).to(GU.dtype.element_ty)  # rounded once, as the compiled swiglu
+            acc += tl.dot(h.to(w.dtype), tl.trans(w))
+        else:
+            gate = tl.load(GU + k, mask=k_ok, other=0.0).to(tl.float32)
+            up = tl.load(GU + K + k, mask=k_ok, other=0.0).to(tl.float32)
+            h = (gate * tl.sigmoid(gate) * up).to(GU.dtype.element_ty).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+        return acc
+
+    @triton.jit
     def _swiglu_gemv_kernel(GU, W, Y, M, N, K, sgm, swn, sym,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
+                            PDL: tl.constexpr = False):
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
+        m = tl.arange(0, BLOCK_M)
         if DOT:
-            m = tl.arange(0, BLOCK_M)
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         else:
             acc = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        k = tl.arange(0, BLOCK_K)  # the first weight slice before the wait for gate_up (PDL)
+        k_ok = k < K
+        w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        pdl_wait(PDL)
+        acc = _swiglu_acc(acc, w, GU, k, k_ok, m, M, sgm, K, DOT)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < K
             w = tl.load(W + n[:, None] * swn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if DOT:
-                ok = (m[:, None] < M) & k_ok[None, :]
-                gate = tl.load(GU + m[:, None] * sgm + k[None, :], mask=ok, other=0.0).to(tl.float32)
-                up = tl.load(GU + m[:, None] * sgm + K + k[None, :], mask=ok, other=0.0).to(tl.float32)
-                h = (gate * tl.sigmoid(gate) * up).to(GU.dtype.element_ty)  # rounded once, as the compiled swiglu
-                acc += tl.dot(h.to(W.dtype.element_ty), tl.trans(w))
-            else:
-                gate = tl.load(GU + k, mask=k_ok, other=0.0).to(tl.float32)
-                up = tl.load(GU + K + k, mask=k_ok, other=0.0).to(tl.float32)
-                h = (gate * tl.sigmoid(gate) * up).to(GU.dtype.element_ty).to(tl.float32)
-                acc += tl.sum(w.to(tl.float32) * h[None, :], 1)
+            acc = _swiglu_acc(acc, w, GU, k, k_ok, m, M, sgm, K, DOT)
         if DOT:
             tl.store(Y + m[:, None] * sym + n[None, :], acc.to(Y.dtype.element_ty), mask=(m[:, None] < M) & n_ok[None, :])
         else:
@@ -111,25 +138,22 @@ def supported(x: torch.Tensor) -> bool:
     """Where the model uses these kernels: one row (a decode step) of bf16/fp16 on CUDA (float32
     keeps cuBLAS: tl.dot would round it through TF32).
 
-    The kernels take up to MAX_ROWS rows, but on the H200 their several-row (tl.dot) path made a
-    1.5B verify step of 2-8 tokens 7x slower (14.7 against 2.0 ms) while the one-row path saved
-    8% of a 0.5B decode step (0.845 against 0.916 ms; results/speed_h200.json), so verify steps keep
-    the unfused kernels until the several-row path is tuned.
+    The kernels take up to MAX_ROWS rows, but their several-row (tl.dot) path is 2-5x slower than
+    the compiled add + norm and a GEMV (H200, Qwen2.5 0.5B/1.5B q/k/v and gate/up at 5 and 16 rows:
+    13-100 against 7-21 us), while the one-row path saved 8% of a 0.5B decode step, so verify and
+    batched steps keep the unfused kernels until the several-row path is tuned.
     """
     return (HAS_TRITON and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and x.numel() // x.shape[-1] == 1)
 
 
-def _config(rows: int, n: int, x: torch.Tensor) -> tuple[int, int, int, bool]:
-    """(BLOCK_N, warps, BLOCK_K, DOT) by shape: gemv.py's configs (an H100 sweep over 7B shapes),
-    with fewer output rows per program where a small model's N would leave SMs idle."""
-    sms = target_programs(x) // 2
+def _config(rows: int, n: int, k: int, x: torch.Tensor) -> tuple[int, int, int, int, bool]:
+    """(BLOCK_M, BLOCK_N, warps, BLOCK_K, DOT) by shape: `gemv.py`'s rules (its sweeps' configs)."""
     if rows == 1:
-        block_n = 8
-        while block_n > 2 and triton.cdiv(n, block_n) < 2 * sms:
-            block_n //= 2
-        return block_n, 8, 1024, False
-    return (32 if triton.cdiv(n, 32) >= sms else 16), 4, 512, True
+        block_n, block_k, warps = one_row_config(n, k, x)
+        return MAX_ROWS, block_n, warps, block_k, False
+    _, block_n, block_k = dot_config(rows, n, k, x) or (MAX_ROWS, 16, 256)
+    return MAX_ROWS, block_n, 4, block_k, True
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -166,12 +190,13 @@ def add_norm_gemv_triton(x: torch.Tensor, delta: torch.Tensor | None, norm_weigh
     d2 = _rows(delta, "add_norm_gemv") if delta is not None else x2
     res = torch.empty_like(x2) if delta is not None else x2
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n, warps, block_k, dot = _config(m, n, x)
+    block_m, block_n, warps, block_k, dot = _config(m, n, k, x)
+    pdl = use_pdl(x, n * k * w.element_size())
     _add_norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, d2, norm_weight, w, bias if bias is not None else w, y, res, m, n, k,
         x2.stride(0), d2.stride(0), w.stride(0), y.stride(0), res.stride(0), eps,
-        HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
-        BLOCK_K=block_k, DOT=dot, num_stages=3, num_warps=warps)
+        HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, DOT=dot, PDL=pdl, launch_pdl=pdl, num_stages=3, num_warps=warps)
     return res.view(x.shape), y.view(*x.shape[:-1], n)
 
 
@@ -190,8 +215,10 @@ def swiglu_gemv_triton(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu_gemv: gate_up has {k2} features, the weight {tuple(w.shape)} needs 2 x {k} "
                          f"(rows contiguous)")
     y = torch.empty(m, n, dtype=gate_up.dtype, device=gate_up.device)
-    block_n, warps, block_k, dot = _config(m, n, gate_up)
+    block_m, block_n, warps, block_k, dot = _config(m, n, k, gate_up)
+    pdl = use_pdl(gate_up, n * k * w.element_size())
     _swiglu_gemv_kernel[(triton.cdiv(n, block_n),)](
         g2, w, y, m, n, k, g2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, num_stages=3, num_warps=warps)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, PDL=pdl, launch_pdl=pdl,
+        num_stages=3, num_warps=warps)
     return y.view(*gate_up.shape[:-1], n)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import tl, triton, use_triton
+from ._common import tl, triton, use_pdl, use_triton
 from . import gemv  # int8 runs the bf16 GEMV kernel, with its per-row scale applied once per output
 from .gemv import MAX_ROWS
 GROUP_SIZES = (32, 64, 128)  # powers of two: a kernel block holds whole groups
@@ -161,7 +161,7 @@ def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias
     gemv._gemv_kernel[(triton.cdiv(n, block_n),)](
         x, q, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k or bk, DOT=dot, SCALED=True, HAS_BIAS=bias is not None,
-        num_stages=3, num_warps=warps)
+        PDL=use_pdl(x, n * k), launch_pdl=use_pdl(x, n * k), num_stages=3, num_warps=warps)
     return y
 
 

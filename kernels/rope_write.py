@@ -13,7 +13,7 @@ import torch
 
 from triforce.models.llama import rope_qk
 
-from ._common import tl, triton, use_triton
+from ._common import pdl_wait, tl, triton, use_pdl, use_triton
 
 if triton is not None:
 
@@ -29,7 +29,8 @@ if triton is not None:
     def _rope_write_kernel(Q, K, V, COS, SIN, QO, SK, SV, IDX, H, T,
                            sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_t, ss_b, ss_t,
                            sqo_b, sqo_h, sqo_t, ssk_b, ssk_h, ssk_s, ssv_b, ssv_h, ssv_s, si_b, si_t,
-                           HALF: tl.constexpr):
+                           HALF: tl.constexpr, PDL: tl.constexpr = False):
+        pdl_wait(PDL)
         bt, h = tl.program_id(0), tl.program_id(1)  # bt = b * T + t
         b, t = (bt // T).to(tl.int64), bt % T  # int64: b * ssk_b can pass 2**31 in a [B, L, ...] store
         d = tl.arange(0, HALF)
@@ -91,5 +92,5 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         q, k, v, cos, sin, qo, store_k, store_v, idx, h, t,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2], *sin.stride()[:2],
         *qo.stride()[:3], *store_k.stride()[:3], *store_v.stride()[:3], *idx.stride(),
-        HALF=d // 2, num_warps=1)
+        HALF=d // 2, PDL=use_pdl(q), launch_pdl=use_pdl(q), num_warps=1)
     return qo

@@ -151,3 +151,36 @@ def test_broken_verifier_is_detected_in_a_batch(peaky, monkeypatch):
     tvs = [(0.5 * float((emp[b] - exact_joint(target, p)).abs().sum()), tv_bound(exact_joint(target, p), N))
            for b, p in enumerate(ps)]
     assert any(tv > bound for tv, bound in tvs), f"a broken verifier went unnoticed: {tvs}"
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("lengths", [(150, 90, 60, 120), (150, 90, 20, 120)], ids=["batched", "row_by_row"])
+def test_device_selection_equals_eager_selection(models, lengths):
+    """The retrieval tier's one-off selection runs as an uncaptured graph-mode step: all rows'
+    chunk scores and top-k in a few launches per layer (`device_choose`). It must pick what each
+    row's eager `choose` picks, with rows of different lengths, and give the eager step's logits;
+    where one row's budget covers its prefix the rows take the row-by-row graph-mode path."""
+    target, _ = models
+    ps = prompts(lengths, seed=7)
+    n = 200
+
+    def prefilled(batch_prompts):
+        full = Rows.build(lambda b: FullCache(target, n), len(batch_prompts))
+        ret = Rows.build(lambda b: RetrievalCache(full.rows[b], target, 32, 4), len(batch_prompts))
+        for row, p in zip(full.rows, batch_prompts):
+            target(p[None, :-1].to(DEVICE), row, last=0)
+        for row, p in zip(ret.rows, batch_prompts):
+            row.adopt_prefix(p.numel() - 1)
+        return ret
+
+    last = torch.stack([p[-1:] for p in ps]).to(DEVICE)  # each row's last prompt token, [B, 1]
+    batched = prefilled(ps)
+    got = GraphedModel(target, batched, {1}, capture=False)(last, 1)
+    assert all(r.selections == 1 and not r.select_next for r in batched.rows)
+    for b, p in enumerate(ps):
+        single = prefilled([p])  # one row: the eager selecting step
+        want = target(last[b:b + 1], single, last=1)
+        torch.testing.assert_close(got[b:b + 1], want, atol=1e-4, rtol=1e-4)
+        if not single.full_view:
+            assert torch.equal(batched.rows[b].sel_idx, single.sel_idx), b
+        assert batched.rows[b].full_view == single.full_view == (p.numel() - 1 <= 32)

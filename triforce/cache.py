@@ -68,6 +68,7 @@ class KVCache:
     batch_shared: tuple[str, ...] = ()  # per-layer tensors `Rows.build` stores batch-major, [L, B, ...]
     batch: dict | None = None  # those tensors for the whole batch, once built by `Rows.build`
     scalar_names: tuple[str, ...] = ("len_t",)  # int32 device scalars a captured step reads (`prepare` writes them)
+    selecting = False  # this step makes a selection (selection caches: see `begin_selection`)
 
     def __init__(self, model: Transformer):
         self.rotary = model.rotary
@@ -103,6 +104,15 @@ class KVCache:
     def graph_key(self) -> tuple:
         """Host-side choices a captured graph baked in (a change needs a new graph)."""
         return ()
+
+    def can_select_in_graph_mode(self) -> bool:
+        """Whether the host logic that stops a replay is a selection the graph-mode step can make on
+        the device (`begin_selection`, then one uncaptured graph-mode step): a batch then selects
+        for all its rows in a few launches per layer instead of row by row."""
+        return False
+
+    def begin_selection(self) -> None:
+        """Host side of a selection made by a graph-mode step (see `can_select_in_graph_mode`)."""
 
     def begin(self, n_new: int) -> None:
         if self.graph_mode:
@@ -240,6 +250,13 @@ class Rows(KVCache):
     def can_replay(self, n_new: int) -> bool:
         return all(r.can_replay(n_new) for r in self._rows)
 
+    def can_select_in_graph_mode(self) -> bool:
+        return all(r.can_select_in_graph_mode() for r in self._rows)
+
+    def begin_selection(self) -> None:
+        for r in self._rows:
+            r.begin_selection()
+
     def graph_key(self) -> tuple:
         return tuple(r.graph_key() for r in self._rows)
 
@@ -268,6 +285,8 @@ class Rows(KVCache):
         cos, sin, write, n_keys, tail, bound = self._step
         store_k, store_v, idx = self._rows[0].batch_keys(layer)
         q = rope_write(q, k, v, cos, sin, store_k, store_v, write)
+        if idx is not None and self._rows[0].selecting:  # every row's selection at once, from its rotated query
+            idx.copy_(self._rows[0].device_choose(q, store_k, [r.boundary for r in self._rows]))
         b, h, t, d = q.shape
         out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device).transpose(1, 2)  # token-major, as device_attention
         return split_k_attention(q, store_k, store_v, bound, 0, idx, 1, out=out, n_keys_t=n_keys, tail_start_t=tail)
@@ -572,6 +591,26 @@ class SelectionCache(KVCache):
     def can_replay(self, n_new: int) -> bool:
         return self.graph_ready and not self.select_next
 
+    def can_select_in_graph_mode(self) -> bool:
+        return (self.graph_ready and self.select_next and self.full.device_resident
+                and type(self).device_choose is not SelectionCache.device_choose)
+
+    def begin_selection(self) -> None:
+        """What an eager selecting `begin` decides on the host (the boundary, whether the budget
+        covers it), for a graph-mode step whose attention selects on the device; `advance` then
+        records the selection as the eager step's does. Copies of an earlier selection are
+        dropped: eager steps gather the new one through `sel_idx`."""
+        self.selecting = True
+        self.boundary = (min(self.length, self.full.length) // self.chunk) * self.chunk
+        self.full_view = self.budget >= self.boundary
+        self.full.keep_tail(0 if self.full_view else self.boundary, front=self.budget)
+        self.sel_k = self.sel_v = None
+
+    def device_choose(self, q: torch.Tensor, store_k: torch.Tensor, boundaries: list[int]) -> torch.Tensor:
+        """Graph mode: positions [B, KVH, budget] below each row's boundary for rotated queries
+        q [B, H, T, D] over the store's keys [B, KVH, S, D] (what `choose` picks, for every row at once)."""
+        raise NotImplementedError
+
     def scalar_values(self, n_new: int) -> list[int]:
         return super().scalar_values(n_new) + [self.full.length, self.boundary]
 
@@ -634,6 +673,8 @@ class SelectionCache(KVCache):
                                         self.front_t if self.full_view else self.zero_t)
             store_k, store_v = full.dev_k[layer], full.dev_v[layer]  # not full.k: that syncs host writes
         q = rope_write(q, k, v, self.cos, self.sin, store_k, store_v, self.write_t)
+        if self.selecting and not self.full_view:  # a selection on the device (`begin_selection`)
+            self.sel_idx[layer] = self.device_choose(q, store_k[None], [self.boundary])[0]
         if self.full_view:
             return device_attention(q, store_k, store_v, self.n_keys_t, full.max_length, self.zero_t)
         return device_attention(q, store_k, store_v, self.n_keys_t, self.max_keys, self.boundary_t, self.sel_idx[layer])
@@ -741,6 +782,25 @@ class RetrievalCache(SelectionCache):
                 self.summaries[layer, :, lo:hi] = self._summaries(layer, lo, hi)
         self.n_summarized[layer] = max(self.n_summarized[layer], n_chunks)
         return torch.einsum("hd,hcd->hc", query, self.summaries[layer, :, :n_chunks].float())
+
+    def device_choose(self, q: torch.Tensor, store_k: torch.Tensor, boundaries: list[int]) -> torch.Tensor:
+        """`choose` for every row of a batch: the same summaries and scores (chunk means of the
+        rotated keys against the last query summed over each GQA group), chunks at or past a row's
+        boundary masked out, in blocks of 1024 chunks over all rows at once."""
+        b = q.shape[0]
+        n_chunks = max(boundaries) // self.chunk
+        query = q[:, :, -1].float().view(b, self.n_kv_heads, -1, q.shape[-1]).sum(2)  # [B, KVH, D]
+        scores = torch.empty(b, self.n_kv_heads, n_chunks, device=q.device)
+        for lo in range(0, n_chunks, 1024):  # bounded workspace
+            hi = min(n_chunks, lo + 1024)
+            keys = store_k[:, :, lo * self.chunk:hi * self.chunk].unflatten(2, (hi - lo, self.chunk))
+            summ = keys.mean(3, dtype=torch.float32).to(self.dtype)
+            scores[:, :, lo:hi] = torch.einsum("bhd,bhcd->bhc", query, summ.float())
+        past = torch.tensor([n // self.chunk for n in boundaries], device=q.device)
+        scores.masked_fill_(torch.arange(n_chunks, device=q.device) >= past[:, None, None], float("-inf"))
+        scores[:, :, 0] = float("inf")  # attention sink
+        top = scores.topk(self.budget // self.chunk, dim=-1).indices.sort(dim=-1).values
+        return (top[..., None] * self.chunk + torch.arange(self.chunk, device=q.device)).flatten(2).to(torch.int32)
 
     def choose(self, layer, q):
         scores = self.chunk_scores(layer, q)

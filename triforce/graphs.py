@@ -4,7 +4,9 @@ At small batch a decode step is a few hundred small kernels; launching them from
 more than the bytes they read for a 4K-token draft cache. A graph replays them with one launch.
 Shapes are static per (tier, tokens per step, rows kept); the caches read their lengths from
 device scalars refreshed by `cache.prepare` before each replay, so no host sync is needed.
-Prefill chunks, odd step sizes and re-selection steps run eagerly.
+Prefill chunks and odd step sizes run eagerly; so do re-selection steps, except a selection the
+cache can make on the device (retrieval): that step runs the graph-mode code uncaptured, for
+every row of a batch at once.
 
 A capture that fails (no memory for the graph pool, a capture invalidated by a forbidden call,
 any CUDA or Triton error while capturing) is ended and cleaned up, and that step shape runs the
@@ -100,7 +102,7 @@ class GraphedModel:
         self.uniform = torch.zeros(self.batch, model.args.vocab_size, device=model.device)  # noise of in-graph draws
 
     def usable(self, n_new: int, last: int) -> bool:
-        return n_new in self.sizes and self.cache.can_replay(n_new)
+        return n_new in self.sizes and (self.cache.can_replay(n_new) or self.cache.can_select_in_graph_mode())
 
     def _capture(self, n_new: int, last: int, head):
         """Warm up (compiles every Triton kernel and torch.compile'd piece outside the capture),
@@ -198,9 +200,14 @@ class GraphedModel:
 
     def _run(self, tokens: torch.Tensor, last: int, head, head_key: tuple) -> tuple:
         n_new = tokens.shape[1]
+        selecting = not self.cache.can_replay(n_new)  # a one-off selection step: graph-mode code, not captured
+        if selecting:
+            self.cache.begin_selection()
         self.cache.prepare(n_new)
         key = (n_new, last, head_key, self.cache.graph_key())
-        if self.capture and key not in self.graphs and key not in self.failed:
+        if selecting:
+            key = None
+        elif self.capture and key not in self.graphs and key not in self.failed:
             try:
                 self.graphs[key] = self._capture(n_new, last, head)
             except Exception as e:  # whatever broke the capture, the eager graph-mode step below still runs

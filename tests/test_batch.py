@@ -184,3 +184,13 @@ def test_device_selection_equals_eager_selection(models, lengths):
         if not single.full_view:
             assert torch.equal(batched.rows[b].sel_idx, single.sel_idx), b
         assert batched.rows[b].full_view == single.full_view == (p.numel() - 1 <= 32)
+
+
+def test_only_retrieval_scoring_selects_on_the_device(models):
+    """A subclass that scores chunks its own way (Quest) must keep its eager selection."""
+    from triforce.policies.quest import QuestPolicy
+
+    target, _ = models
+    full = FullCache(target, 64)
+    assert RetrievalCache(full, target, 16, 4).can_select_in_graph_mode() == full.device_resident
+    assert not QuestPolicy(full, target, 16, 4).can_select_in_graph_mode()

@@ -591,9 +591,10 @@ class SelectionCache(KVCache):
     def can_replay(self, n_new: int) -> bool:
         return self.graph_ready and not self.select_next
 
+    device_selection = False  # `device_choose` makes this policy's own selection
+
     def can_select_in_graph_mode(self) -> bool:
-        return (self.graph_ready and self.select_next and self.full.device_resident
-                and type(self).device_choose is not SelectionCache.device_choose)
+        return self.graph_ready and self.select_next and self.full.device_resident and self.device_selection
 
     def begin_selection(self) -> None:
         """What an eager selecting `begin` decides on the host (the boundary, whether the budget
@@ -782,6 +783,11 @@ class RetrievalCache(SelectionCache):
                 self.summaries[layer, :, lo:hi] = self._summaries(layer, lo, hi)
         self.n_summarized[layer] = max(self.n_summarized[layer], n_chunks)
         return torch.einsum("hd,hcd->hc", query, self.summaries[layer, :, :n_chunks].float())
+
+    @property
+    def device_selection(self) -> bool:
+        """`device_choose` scores as this class does: a subclass scoring otherwise (Quest) selects eagerly."""
+        return type(self).chunk_scores is RetrievalCache.chunk_scores and type(self).choose is RetrievalCache.choose
 
     def device_choose(self, q: torch.Tensor, store_k: torch.Tensor, boundaries: list[int]) -> torch.Tensor:
         """`choose` for every row of a batch: the same summaries and scores (chunk means of the

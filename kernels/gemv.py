@@ -77,8 +77,8 @@ SMALL_WEIGHT = 32 << 20  # elements: a 0.5B-1.5B model's projections are below i
 def one_row_config(n: int, k: int, x: torch.Tensor) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, warps) of the one-row (FMA) path.
 
-    Large weights (7B projections, LM heads): 8 rows x 1024 per step, 8 warps (an H100 sweep over the
-    7B shapes). Small ones (a 0.5B-1.5B model's projections, a GEMV of a few microseconds): enough
+    Large weights (a 7B's q/k/v, gate/up and down, LM heads): 8 rows x 1024 per step, 8 warps (an
+    H100 sweep over the 7B shapes). Small ones (a 0.5B-1.5B model's projections, a GEMV of a few microseconds): enough
     programs for two waves of SMs (fewer output rows each where N is small), and the whole of a short
     K in one slice, which with dependent launch is read before the kernel ahead of it ends (an H200
     sweep over the Qwen2.5 0.5B/1.5B shapes in 24-28-weight chains: up to 1.3x faster)."""

@@ -147,13 +147,13 @@ def supported(x: torch.Tensor) -> bool:
             and x.numel() // x.shape[-1] == 1)
 
 
-def _config(rows: int, n: int, k: int, x: torch.Tensor) -> tuple[int, int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, warps, BLOCK_K, DOT) by shape: `gemv.py`'s rules (its sweeps' configs)."""
+def _config(rows: int, n: int, k: int, x: torch.Tensor) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, warps, BLOCK_K, DOT) by shape: `gemv.py`'s rules (its sweeps' configs)."""
     if rows == 1:
         block_n, block_k, warps = one_row_config(n, k, x)
-        return MAX_ROWS, block_n, warps, block_k, False
+        return block_n, warps, block_k, False
     _, block_n, block_k = dot_config(rows, n, k, x) or (MAX_ROWS, 16, 256)
-    return MAX_ROWS, block_n, 4, block_k, True
+    return block_n, 4, block_k, True
 
 
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -190,12 +190,12 @@ def add_norm_gemv_triton(x: torch.Tensor, delta: torch.Tensor | None, norm_weigh
     d2 = _rows(delta, "add_norm_gemv") if delta is not None else x2
     res = torch.empty_like(x2) if delta is not None else x2
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, warps, block_k, dot = _config(m, n, k, x)
+    block_n, warps, block_k, dot = _config(m, n, k, x)
     pdl = use_pdl(x, n * k * w.element_size())
     _add_norm_gemv_kernel[(triton.cdiv(n, block_n),)](
         x2, d2, norm_weight, w, bias if bias is not None else w, y, res, m, n, k,
         x2.stride(0), d2.stride(0), w.stride(0), y.stride(0), res.stride(0), eps,
-        HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
         BLOCK_K=block_k, DOT=dot, PDL=pdl, launch_pdl=pdl, num_stages=3, num_warps=warps)
     return res.view(x.shape), y.view(*x.shape[:-1], n)
 
@@ -215,10 +215,10 @@ def swiglu_gemv_triton(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"swiglu_gemv: gate_up has {k2} features, the weight {tuple(w.shape)} needs 2 x {k} "
                          f"(rows contiguous)")
     y = torch.empty(m, n, dtype=gate_up.dtype, device=gate_up.device)
-    block_m, block_n, warps, block_k, dot = _config(m, n, k, gate_up)
+    block_n, warps, block_k, dot = _config(m, n, k, gate_up)
     pdl = use_pdl(gate_up, n * k * w.element_size())
     _swiglu_gemv_kernel[(triton.cdiv(n, block_n),)](
         g2, w, y, m, n, k, g2.stride(0), w.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, PDL=pdl, launch_pdl=pdl,
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, DOT=dot, PDL=pdl, launch_pdl=pdl,
         num_stages=3, num_warps=warps)
     return y.view(*gate_up.shape[:-1], n)

@@ -158,10 +158,11 @@ def int8_gemv_triton(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     # best of a sweep on the H200 over the 7B shapes: one row FMA, several tl.dot
     block_n, warps, bk, dot = (4, 4, 2048, False) if m == 1 else (32, 4, 512, True)
+    pdl = use_pdl(x, n * k)
     gemv._gemv_kernel[(triton.cdiv(n, block_n),)](
         x, q, scale, bias if bias is not None else scale, y, m, n, k, x.stride(0), q.stride(0), y.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k or bk, DOT=dot, SCALED=True, HAS_BIAS=bias is not None,
-        PDL=use_pdl(x, n * k), launch_pdl=use_pdl(x, n * k), num_stages=3, num_warps=warps)
+        PDL=pdl, launch_pdl=pdl, num_stages=3, num_warps=warps)
     return y
 
 

@@ -88,9 +88,10 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
         raise ValueError(f"rope_write: store {tuple(store_k.shape)} / idx {tuple(idx.shape)} / k {tuple(k.shape)} / "
                          f"cos {tuple(cos.shape)} do not match {b} sequences, {kvh} KV heads and {t} tokens")
     qo = torch.empty(b, h, t, d, dtype=q.dtype, device=q.device)
+    pdl = use_pdl(q)
     _rope_write_kernel[(b * t, h + kvh)](
         q, k, v, cos, sin, qo, store_k, store_v, idx, h, t,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *cos.stride()[:2], *sin.stride()[:2],
         *qo.stride()[:3], *store_k.stride()[:3], *store_v.stride()[:3], *idx.stride(),
-        HALF=d // 2, PDL=use_pdl(q), launch_pdl=use_pdl(q), num_warps=1)
+        HALF=d // 2, PDL=pdl, launch_pdl=pdl, num_warps=1)
     return qo

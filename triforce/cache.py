@@ -762,9 +762,19 @@ class RetrievalCache(SelectionCache):
         super().reset()
         self.n_summarized = [0] * self.n_layers
 
+    def _chunk_means(self, keys: torch.Tensor) -> torch.Tensor:
+        """Summaries [..., n, D] of keys [..., n * chunk, D]: each chunk's mean key."""
+        return keys.unflatten(-2, (keys.shape[-2] // self.chunk, self.chunk)).mean(-2, dtype=torch.float32).to(self.dtype)
+
     def _summaries(self, layer: int, lo: int, hi: int) -> torch.Tensor:
-        keys = self.full.read_k(layer, lo * self.chunk, hi * self.chunk)
-        return keys.unflatten(1, (hi - lo, self.chunk)).mean(2, dtype=torch.float32).to(self.dtype)
+        return self._chunk_means(self.full.read_k(layer, lo * self.chunk, hi * self.chunk))
+
+    def _top_positions(self, scores: torch.Tensor) -> torch.Tensor:
+        """Token positions [..., budget] of the best-scoring chunks of scores [..., n_chunks], in
+        order; chunk 0 (the attention sink) always among them."""
+        scores[..., 0] = float("inf")
+        top = scores.topk(self.budget // self.chunk, dim=-1).indices.sort(dim=-1).values
+        return (top[..., None] * self.chunk + torch.arange(self.chunk, device=scores.device)).flatten(-2)
 
     def chunk_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """Scores [KVH, n_chunks] of the chunks below the boundary against the last query."""
@@ -799,17 +809,11 @@ class RetrievalCache(SelectionCache):
         scores = torch.empty(b, self.n_kv_heads, n_chunks, device=q.device)
         for lo in range(0, n_chunks, 1024):  # bounded workspace
             hi = min(n_chunks, lo + 1024)
-            keys = store_k[:, :, lo * self.chunk:hi * self.chunk].unflatten(2, (hi - lo, self.chunk))
-            summ = keys.mean(3, dtype=torch.float32).to(self.dtype)
+            summ = self._chunk_means(store_k[:, :, lo * self.chunk:hi * self.chunk])
             scores[:, :, lo:hi] = torch.einsum("bhd,bhcd->bhc", query, summ.float())
         past = torch.tensor([n // self.chunk for n in boundaries], device=q.device)
         scores.masked_fill_(torch.arange(n_chunks, device=q.device) >= past[:, None, None], float("-inf"))
-        scores[:, :, 0] = float("inf")  # attention sink
-        top = scores.topk(self.budget // self.chunk, dim=-1).indices.sort(dim=-1).values
-        return (top[..., None] * self.chunk + torch.arange(self.chunk, device=q.device)).flatten(2).to(torch.int32)
+        return self._top_positions(scores).to(torch.int32)
 
     def choose(self, layer, q):
-        scores = self.chunk_scores(layer, q)
-        scores[:, 0] = float("inf")  # attention sink
-        top = scores.topk(self.budget // self.chunk, dim=-1).indices.sort(dim=-1).values
-        return (top[..., None] * self.chunk + torch.arange(self.chunk, device=self.device)).flatten(1)
+        return self._top_positions(self.chunk_scores(layer, q))

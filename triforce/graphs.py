@@ -200,7 +200,7 @@ class GraphedModel:
 
     def _run(self, tokens: torch.Tensor, last: int, head, head_key: tuple) -> tuple:
         n_new = tokens.shape[1]
-        selecting = not self.cache.can_replay(n_new)  # a one-off selection step: graph-mode code, not captured
+        selecting = self.cache.can_select_in_graph_mode()  # a one-off selection step: graph-mode code, not captured
         if selecting:
             self.cache.begin_selection()
         self.cache.prepare(n_new)

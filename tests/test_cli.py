@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,15 @@ def test_cli_runs_and_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert len(data["token_ids"]) == 8 and set(data["stats"]["tiers"]) == {"target", "retrieval", "tiny"}
     assert "tok/s" in r.stderr and "accept" in r.stderr
+
+
+def test_the_repo_root_on_sys_path_shadows_nothing_transformers_imports():
+    """The README runs `python -m ...` from the repo root, which puts our top-level kernels/ and models/
+    first on sys.path; transformers >= 5.25 imports the Hub's `kernels` package and then gets ours."""
+    root = Path(triforce.__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", "import transformers.activations, triforce.generate"],
+                       capture_output=True, text=True, cwd=root, timeout=300)
+    assert r.returncode == 0, r.stderr
 
 
 def test_cli_missing_checkpoint_names_the_path(tmp_path):

@@ -83,6 +83,24 @@ def test_greedy_auto_equals_autoregressive_tiny(cost_dir, monkeypatch):
     assert sum(c["tokens"] for c in a["configs"].values()) == 48
 
 
+def test_greedy_auto_batch_rows_equal_autoregressive_tiny(cost_dir, monkeypatch):
+    """Several prompts under pipeline=auto decode as one batch: the step costs are measured on the
+    batch's own caches (entries per row count), one choice serves every row, and each greedy row
+    equals its autoregressive run."""
+    texts = [PROSE[:700], PROSE[100:720], PROSE[50:800]]  # every prompt over twice the 256 budget
+    ar = triforce.load("+model=tiny-random", "pipeline=autoregressive", "temperature=0")
+    want = [ar.generate(t, max_new_tokens=40).token_ids for t in texts]
+    monkeypatch.setattr(auto.Chooser, "ms", fake_costs())  # speculation pays; the real costs are still measured
+    rows = triforce.load(*TINY, "temperature=0").generate(texts, max_new_tokens=40)
+    assert [r.token_ids for r in rows] == want
+    a = rows[0].stats["auto"]
+    assert rows[0].stats["batch"]["rows"] == 3 and a["choice"] != "autoregressive" and a["budget"] == 256
+    table = json.loads((cost_dir / "step_costs.json").read_text())
+    batched = [k for k in table if k.endswith("|rows=3")]
+    for kind in ("FullCache@1024", "RetrievalCache256/4", "StreamingCache"):
+        assert any(f"|{kind}" in k for k in batched), (kind, batched)
+
+
 def test_a_draft_expected_to_run_is_prefilled_before_decoding(cost_dir, monkeypatch):
     """A draft the chooser expects to use is prefilled with the prompt (counted as prefill), so no
     catch-up of the prompt lands in the decode; a second call with the same seed repeats the first."""

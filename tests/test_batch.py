@@ -4,7 +4,8 @@ Each row of a batch must equal the single-sequence run of its prompt with its se
 sampled: a batch row draws exactly what its single run draws), through the eager path and the
 CUDA-graph path (device lengths, the batched split-K kernel; uncaptured on CPU, Triton
 interpreted), for rows of very different lengths, a row whose EOS arrives inside a draft, and
-every pipeline. Losslessness per row is tested statistically, 3 prompts in one batch.
+every pipeline. Losslessness per row is tested statistically, 3 prompts in one batch, with fixed
+tiers and with a chooser switching them for the whole batch every round.
 """
 import os
 
@@ -16,7 +17,7 @@ if not torch.cuda.is_available():
 import pytest
 
 import triforce.engine as engine_mod
-from test_lossless import V, broken_verify, peaky_model, tv_bound
+from test_lossless import CYCLE_SPEC_FIRST, Alternating, V, broken_verify, peaky_model, tv_bound
 from triforce.cache import FullCache, RetrievalCache, Rows, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel, graph_sizes
@@ -97,14 +98,28 @@ def test_bad_batches_are_refused(models):
 N = 1500
 
 
-def batch_joints(target, tiny, ps):
-    """Empirical joints of each row's first two tokens over N batched runs (triforce, 3 tiers)."""
+class EveryRound(Alternating):
+    """`Alternating` for a batch: the next configuration of the cycle before every target round."""
+
+    def start(self, engine):
+        super().start(engine)
+        self.started = False
+
+    def between_rounds(self, engine):
+        if self.started:  # the first round was configured by start()
+            self._next(engine)
+        self.started = True
+
+
+def batch_joints(target, tiny, ps, cycle=None):
+    """Empirical joints of each row's first two tokens over N batched runs (triforce, 3 tiers; with
+    `cycle`, a chooser switching tiers and gammas for the whole batch every target round)."""
     n = max(p.numel() for p in ps) + 32
     full = Rows.build(lambda b: FullCache(target, n), len(ps))
     tl = [Tier("target", target, full, gamma=3),
           Tier("retrieval", target, Rows.build(lambda b: RetrievalCache(full.rows[b], target, 8, 4), len(ps)), gamma=2),
           Tier("tiny", tiny, Rows.build(lambda b: StreamingCache(tiny, 2, 4, max_forward=64), len(ps)))]
-    eng = SpeculativeEngine(tl, 1.0, 1.0, prefill_chunk=64)
+    eng = SpeculativeEngine(tl, 1.0, 1.0, prefill_chunk=64, chooser=EveryRound(tl, cycle) if cycle else None)
     counts = torch.zeros(len(ps), V, V)
     for seed in range(N):
         for b, (x1, x2) in enumerate(eng.generate_batch(ps, 2, seeds=[seed * 7 + b for b in range(len(ps))])):
@@ -137,6 +152,18 @@ def test_each_batch_row_is_distributed_as_the_target(peaky):
     target, tiny, ps = peaky
     ps = _prompts_v(ps)
     emp = batch_joints(target, tiny, ps)
+    for b, p in enumerate(ps):
+        truth = exact_joint(target, p)
+        tv = 0.5 * float((emp[b] - truth).abs().sum())
+        assert tv < tv_bound(truth, N), f"row {b}: TV {tv:.4f} exceeds the sampling bound {tv_bound(truth, N):.4f}"
+
+
+def test_batch_rows_stay_exact_while_a_chooser_switches_configurations(peaky):
+    """One choice serves the whole batch (pipeline=auto): rounds switch tiers and gammas for every
+    row at once, from what earlier rounds of all rows showed, and each row stays the target's."""
+    target, tiny, ps = peaky
+    ps = _prompts_v(ps)
+    emp = batch_joints(target, tiny, ps, cycle=CYCLE_SPEC_FIRST)
     for b, p in enumerate(ps):
         truth = exact_joint(target, p)
         tv = 0.5 * float((emp[b] - truth).abs().sum())

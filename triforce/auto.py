@@ -199,7 +199,7 @@ def interpolate(costs: dict[int, float], t: int) -> float:
 def tier_key(tier, bucket: int) -> str:
     """What a tier's step cost depends on besides device and dtype: model shape, cache kind and size,
     context bucket (a streaming cache's steps do not depend on the context), CUDA graphs."""
-    m, c = tier.model, tier.cache
+    m, c = tier.model, tier.cache.rows[0]  # a batch's rows are caches of one kind (the key adds the row count)
     shape = (f"{type(m).__name__}:{m.args.vocab_size}x{m.args.dim}x{m.args.n_layers}x{m.args.n_heads}/"
              f"{m.args.n_kv_heads}x{m.args.head_dim}x{m.args.intermediate_size}" if isinstance(m, Transformer)
              else type(m).__name__)
@@ -253,17 +253,27 @@ class Chooser:
 
     `target` is the target tier; `middles` maps candidate budgets to retrieval-tier Tiers (empty:
     no retrieval tier); `draft` is the bottom tier or None. `ident` names the device, dtype and
-    model for the cost table. A chooser serves one `generate` call.
+    model for the cost table. A chooser serves one `generate` call, of one sequence or a batch.
+
+    A batch of B rows is one decision for all rows: every configuration's round costs the batched
+    steps (measured on the batch's own caches, a cost-table entry per B) and yields each row its
+    expected tokens, so the best configuration per row is the best for the batch; acceptance is
+    pooled over the rows. `prompt_len` is the shortest row's prompt (what a retrieval budget must
+    stay under), `context` the longest (the cost's context bucket; a draft window holding it is the target).
     """
 
     def __init__(self, settings: AutoSettings, target, middles: dict, draft, ident: str,
-                 costs: CostModel | None = None, prompt_len: int = 0, new_tokens: int = 0):
+                 costs: CostModel | None = None, prompt_len: int = 0, new_tokens: int = 0,
+                 context: int | None = None):
         self.settings, self.target, self.middles, self.draft = settings, target, dict(middles), draft
         self.costs = costs if costs is not None else CostModel()
         self.prompt_len, self.new_tokens = prompt_len, new_tokens
+        self.context = prompt_len if context is None else context
         self.tiers = [target, *self.middles.values()] + ([draft] if draft is not None else [])
-        bucket = 1 << max(0, prompt_len - 1).bit_length()
-        self.keys = {id(t): f"{ident}|{tier_key(t, bucket)}" for t in self.tiers}
+        self.rows = len(target.cache.rows)
+        bucket = 1 << max(0, self.context - 1).bit_length()
+        batch = f"|rows={self.rows}" if self.rows > 1 else ""
+        self.keys = {id(t): f"{ident}|{tier_key(t, bucket)}{batch}" for t in self.tiers}
         self.max_depth = settings.depth
         self.pairs: dict[tuple[str, str], Pair] = {}
         self.budget = None
@@ -293,7 +303,7 @@ class Chooser:
         m, t = self.draft.model, self.target.model
         window = getattr(self.draft.cache, "sinks", 0) + getattr(self.draft.cache, "window", 0)
         return (isinstance(m, Transformer) and m.embed_tokens is t.embed_tokens and m.args.n_layers == t.args.n_layers
-                and window >= self.prompt_len + self.new_tokens)
+                and window >= self.context + self.new_tokens)
 
     def tier(self, role: str):
         return {"target": self.target, "middle": self.middles.get(self.budget), "draft": self.draft}[role]
@@ -313,42 +323,55 @@ class Chooser:
         if not missing:
             return
         t0 = time.perf_counter()
-        cache, n = tier.cache, engine.seq_len - 1
+        rows = tier.cache.rows
         extra = {}
-        if tier is not self.target:  # fill the tier's cache as decoding would (adopt, or a window of the prompt)
-            cache.reset()
-            if not cache.adopt_prefix(n):
-                keep = getattr(cache, "sinks", 0) + getattr(cache, "window", n)
-                for a in range(max(0, n - keep), n, engine.prefill_chunk):
-                    tier.model(engine.seq[None, a:min(n, a + engine.prefill_chunk)], cache, last=0)
-        base = cache.length
-        ids = engine.seq[:engine.seq_len]
-        streams = RowStreams([0], engine.device)  # not the engine's: the run stays seeded
+        if tier is not self.target:  # fill each row's cache as decoding would (adopt, or a window of the prompt)
+            tier.cache.reset()
+            for b, cache in enumerate(rows):
+                n = engine.lens[b] - 1
+                if not cache.adopt_prefix(n):
+                    keep = getattr(cache, "sinks", 0) + getattr(cache, "window", n)
+                    for a in range(max(0, n - keep), n, engine.prefill_chunk):
+                        tier.model(engine.seqs[b:b + 1, a:min(n, a + engine.prefill_chunk)], cache, last=0)
+        base = [cache.length for cache in rows]
+
+        def back() -> None:
+            for cache, n in zip(rows, base):
+                cache.truncate(n)
+
+        def last(t: int) -> torch.Tensor:  # each row's last t known tokens (its prompt repeated if shorter), [B, t]
+            out = []
+            for b in range(len(rows)):
+                ids = engine.seqs[b, :engine.lens[b]]
+                out.append(ids[-t:] if ids.numel() >= t else ids.repeat(t // ids.numel() + 1)[:t])
+            return torch.stack(out)
+
+        streams = RowStreams(list(range(len(rows))), engine.device)  # not the engine's: the run stays seeded
         sync = torch.cuda.synchronize if engine.device.type == "cuda" else (lambda: None)
-        if getattr(cache, "select_next", False):  # the retrieval tier's one-off selection step
+        if getattr(tier.cache, "select_next", False):  # the retrieval tier's one-off selection step
             s0 = time.perf_counter()
-            tier.distributions(ids[None, -1:], 1, engine.temperature, engine.top_p, streams)
+            tier.distributions(last(1), 1, engine.temperature, engine.top_p, streams)
             sync()
             extra["select_ms"] = 1e3 * (time.perf_counter() - s0)
-            cache.truncate(base)
+            back()
         got = {}
         for t in missing:
-            tokens = ids[-t:] if ids.numel() >= t else ids.repeat(t // ids.numel() + 1)[:t]
+            tokens = last(t)
             times = []
             # the first is a warm-up (the graph capture on GPU); the minimum of the rest, so that a
             # busy moment of a shared CPU does not pass for the step's cost
             for _ in range(3 if engine.device.type == "cuda" else 4):
-                cache.truncate(base)
+                back()
                 sync()
                 s0 = time.perf_counter()
-                tier.distributions(tokens[None], t, engine.temperature, engine.top_p, streams if t == 1 else None)
+                tier.distributions(tokens, t, engine.temperature, engine.top_p, streams if t == 1 else None)
                 sync()
                 times.append(1e3 * (time.perf_counter() - s0))
             got[t] = min(times[1:])
-        cache.truncate(base)
+        back()
         if tier is not self.target:
             cache.reset()  # brought up again (adopt / prefill) if chosen
-        self.costs.put(key, got, context=self.prompt_len, **extra)
+        self.costs.put(key, got, context=self.context, **extra)
         self.measure_seconds += time.perf_counter() - t0
         self.measured.append(key)
 
@@ -377,6 +400,10 @@ class Chooser:
             return 1.0 / self.ms("target", 1)
         g = config.gammas[0]
         return expected_tokens(self.pair("target", roles[1]).estimate, g) / produce(0, g)
+
+    def tps(self, rate: float) -> float:
+        """Tokens per second of the whole batch at `rate` (expected tokens per ms of one row)."""
+        return 1e3 * rate * self.rows
 
     def candidates(self) -> list[Config]:
         out = []
@@ -437,7 +464,7 @@ class Chooser:
         bound = max(expected_tokens(a, g) / (c1 + g * d1) for g in self.settings.gammas)
         if bound <= 1.0 / c1:
             self.why = (f"best speculative bound (verification free, acceptance {a:.2f}, draft step {d1:.1f} ms) "
-                        f"{1e3 * bound:.1f} tok/s < autoregressive {1e3 / c1:.1f} tok/s")
+                        f"{self.tps(bound):.1f} tok/s < autoregressive {self.tps(1.0 / c1):.1f} tok/s")
             return False
         return True
 
@@ -447,8 +474,8 @@ class Chooser:
             if not spec:
                 return "no draft tier fits (the retrieval budget or the draft's window would cover the whole context)"
             c, r = max(spec, key=lambda x: x[1])
-            return f"best speculative {c.label} predicted {1e3 * r:.1f} tok/s < autoregressive {1e3 * ar:.1f} tok/s"
-        return f"predicted {1e3 * rate:.1f} tok/s vs autoregressive {1e3 * ar:.1f} tok/s"
+            return f"best speculative {c.label} predicted {self.tps(r):.1f} tok/s < autoregressive {self.tps(ar):.1f} tok/s"
+        return f"predicted {self.tps(rate):.1f} tok/s vs autoregressive {self.tps(ar):.1f} tok/s"
 
     def between_rounds(self, engine) -> None:
         self.rounds_since += 1
@@ -481,7 +508,7 @@ class Chooser:
         if self.segments:
             seg = self.segments[-1]
             now = time.perf_counter()
-            seg.tokens += engine.seq_len - self._seg_start[0]
+            seg.tokens += sum(engine.lens) - self._seg_start[0]
             seg.seconds += now - self._seg_start[1]
 
     def _switch(self, engine, config: Config, rate: float) -> None:
@@ -491,15 +518,15 @@ class Chooser:
         self._seen = {id(t): (t.stats.proposed, t.stats.accepted, t.stats.rejections) for t in self.tiers}
         self.config = config
         engine.use([self.tier(r) for r in ROLES[config.pipeline]], list(config.gammas))
-        self.segments.append(Segment(config.label, predicted_tokens_per_second=1e3 * rate))
-        self._seg_start = (engine.seq_len, time.perf_counter())
+        self.segments.append(Segment(config.label, predicted_tokens_per_second=self.tps(rate)))
+        self._seg_start = (sum(engine.lens), time.perf_counter())
         self.rounds_since = 1
 
     # ---------------------------------------------------------------- report
     def report(self, engine, generated: int, decode_seconds: float) -> dict:
         """What was chosen and why: configurations with token counts, costs, acceptance, predictions."""
         self._close_segment(engine)
-        self._seg_start = (engine.seq_len, time.perf_counter())
+        self._seg_start = (sum(engine.lens), time.perf_counter())
         configs: dict[str, dict] = {}
         for s in self.segments:
             c = configs.setdefault(s.config, {"tokens": 0, "rounds": 0, "seconds": 0.0, "segments": 0,
@@ -517,7 +544,7 @@ class Chooser:
         if ar_cfg and ar_cfg["tokens"] >= 8 and ar_cfg["tokens_per_second"]:
             ar, ar_source = ar_cfg["tokens_per_second"], "measured"
         else:
-            ar, ar_source = 1e3 / self.ms("target", 1), "cost model"
+            ar, ar_source = self.tps(1.0 / self.ms("target", 1)), "cost model"
         costs = {}
         for t in self.tiers:
             role = "target" if t is self.target else ("draft" if t is self.draft else "middle")
@@ -543,8 +570,10 @@ class Chooser:
         }
 
 
-def make_chooser(gen, tiers: list, prompt_len: int, new_tokens: int, costs: CostModel | None = None) -> Chooser:
-    """The chooser for one `Generator.generate` call over `tiers` (target first).
+def make_chooser(gen, tiers: list, prompt_len: int, new_tokens: int, costs: CostModel | None = None,
+                 context: int | None = None) -> Chooser:
+    """The chooser for one `Generator.generate` call over `tiers` (target first); for a batch,
+    `prompt_len` is the shortest row's prompt and `context` the longest's.
 
     With `cache.budget=auto` the candidate budgets are those up to half the prompt (a budget
     covering more saves too little; one covering it all is the target) and, on GPU, what the
@@ -568,4 +597,4 @@ def make_chooser(gen, tiers: list, prompt_len: int, new_tokens: int, costs: Cost
             if explicit or mid.cache.budget < prompt_len:
                 middles = {mid.cache.budget: mid}
     ident = f"{device_name(gen.device)}|{str(gen.dtype).removeprefix('torch.')}|{gen.cfg.model.name}"
-    return Chooser(s, target, middles, draft, ident, costs, prompt_len, new_tokens)
+    return Chooser(s, target, middles, draft, ident, costs, prompt_len, new_tokens, context)

@@ -388,8 +388,6 @@ class SpeculativeEngine:
         if len(maxes) != batch or len(seeds) != batch:
             raise ValueError(f"{batch} prompts need {batch} max_new_tokens and seeds")
         chooser = self.chooser
-        if chooser is not None and batch > 1:
-            raise ValueError("adaptive speculation (a chooser) runs one sequence at a time")
         for t in (chooser.tiers if chooser is not None else self.tiers):
             if len(t.cache.rows) != batch:
                 raise ValueError(f"tier {t.name!r} has caches for {len(t.cache.rows)} rows, the batch has {batch}")

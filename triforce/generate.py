@@ -143,7 +143,8 @@ def run_rows(cfg: DictConfig) -> None:
         with out.open("w") as f:
             for i, r in enumerate(results):
                 f.write(json.dumps({"index": i, "text": r.text, "token_ids": r.token_ids, "stats": r.stats}) + "\n")
-        acc = ", ".join(f"{k} accept {v:.2f}" for k, v in summary["mean_acceptance"].items())
+        acc = ", ".join([f"auto: {c} ({n} rows)" for c, n in summary["auto_choices"].items()]
+                        + [f"{k} accept {v:.2f}" for k, v in summary["mean_acceptance"].items()])
         print(f"{summary['prompts']} prompts, {summary['generated_tokens']} tokens, {summary['tokens_per_second'] or 0:.2f} "
               f"tok/s overall, {summary['mean_ms_per_token'] or 0:.1f} ms/token decode" + (f" | {acc}" if acc else "")
               + f" -> {out}", file=sys.stderr)

@@ -477,8 +477,8 @@ class Generator:
         the target's for that prompt alone (greedy rows equal single-prompt greedy output).
 
         Rows with the same temperature and top_p are decoded together, `batch_size` at a time (auto: as
-        many as fit the GPU), sharing every tier's forwards; under pipeline=auto, offloading or tensor
-        parallelism they run one after another.
+        many as fit the GPU), sharing every tier's forwards (under pipeline=auto one choice serves the
+        whole batch); with offloading or tensor parallelism they run one after another.
         """
         rows = normalize_rows(prompts)
         cfg = self.cfg
@@ -531,7 +531,7 @@ class Generator:
     def _batches(self, jobs: list[tuple]) -> list[list[int]]:
         """Row indices grouped into the batches that run: same sampling settings, at most batch_size
         rows, longest rows first (the first batch then plans the largest caches)."""
-        batchable = not self.auto.adaptive and self.tp == 1 and str(self.cfg.get("offload", "auto")).lower() != "true"
+        batchable = self.tp == 1 and str(self.cfg.get("offload", "auto")).lower() != "true"
         order = sorted(range(len(jobs)), key=lambda i: -(len(jobs[i][0]) + jobs[i][1]))
         if not batchable or len(jobs) == 1 or str(self.cfg.get("batch_size", "auto")) == "1":
             if self.device.type == "cuda":  # the longest row must fit before any row runs (the error says what it needs)
@@ -561,7 +561,10 @@ class Generator:
         tiers = self._ready_tiers(max(len(ids) + n for ids, n, *_ in jobs) + self.auto.depth,
                                   max(n for _, n, *_ in jobs), min(len(ids) for ids, *_ in jobs), batch)
         _, _, temperature, top_p, _ = jobs[0]
-        engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group)
+        chooser = (auto.make_chooser(self, tiers, min(len(ids) for ids, *_ in jobs), max(n for _, n, *_ in jobs),
+                                     context=max(len(ids) for ids, *_ in jobs)) if self.auto.adaptive else None)
+        engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group,
+                                   chooser=chooser)
         t0 = time.perf_counter()
         outs = engine.generate_batch([torch.tensor(ids) for ids, *_ in jobs], [n for _, n, *_ in jobs], self.stop_ids,
                                      [s for *_, s in jobs], progress=progress and self.rank == 0)
@@ -584,7 +587,8 @@ class Generator:
     @staticmethod
     def _row_rate(engine: SpeculativeEngine, name: str, b: int) -> float | None:
         """Row b's acceptance at tier `name` (the tier's rate over this row's verifications)."""
-        st = next(t.stats for t in engine.tiers if t.name == name)
+        st = next(t.stats for t in (engine.chooser.tiers if engine.chooser is not None else engine.tiers)
+                  if t.name == name and t.stats.forwards)
         return st.row_accepted[b] / st.row_proposed[b] if st.row_proposed and st.row_proposed[b] else None
 
     def _stats(self, engine: SpeculativeEngine, prompt_len: int, n: int, seconds: float) -> dict:
@@ -647,20 +651,24 @@ def normalize_rows(prompts: list) -> list[dict]:
 
 
 def rows_summary(results: list[GenerationResult], wall_seconds: float) -> dict:
-    """Aggregate stats of several rows: tokens, tokens/s over the wall time, per-row decode speed and
-    acceptance per tier (means over the rows that ran the tier)."""
+    """Aggregate stats of several rows: tokens, tokens/s over the wall time, per-row decode speed,
+    acceptance per tier (means over the rows that ran the tier) and, under pipeline=auto, rows per choice."""
     tiers: dict[str, list[float]] = {}
     for r in results:
         for name, t in r.stats["tiers"].items():
             if t["acceptance_rate"] is not None:
                 tiers.setdefault(name, []).append(t["acceptance_rate"])
     tokens = sum(len(r.token_ids) for r in results)
+    choices: dict[str, int] = {}  # pipeline=auto: what ran, by rows (one choice per batch)
+    for r in results:
+        if r.stats.get("auto"):
+            choices[r.stats["auto"]["choice"]] = choices.get(r.stats["auto"]["choice"], 0) + 1
     per_row = [r.stats["tokens_per_second"] for r in results if r.stats["tokens_per_second"]]
     return {"prompts": len(results), "generated_tokens": tokens, "wall_seconds": wall_seconds,
             "tokens_per_second": tokens / wall_seconds if wall_seconds > 0 else None,
             "mean_row_decode_tokens_per_second": sum(per_row) / len(per_row) if per_row else None,
             "mean_ms_per_token": 1e3 * sum(r.stats["decode_seconds"] for r in results) / tokens if tokens else None,
-            "mean_acceptance": {k: sum(v) / len(v) for k, v in tiers.items()}}
+            "mean_acceptance": {k: sum(v) / len(v) for k, v in tiers.items()}, "auto_choices": choices}
 
 
 def load(*overrides: str) -> Generator:

@@ -39,6 +39,7 @@ import torch
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel, graph_sizes
+from triforce.kernels._split_k import set_fused_reduce
 from triforce.models.llama import ModelArgs, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -270,7 +271,8 @@ def part_qwen(args, out: dict) -> None:
     Steps against their byte floor (bytes read / the copy bandwidth measured in this run), each
     with the fused projections (add + RMSNorm and SwiGLU inside the GEMVs) ON and OFF side by side:
     0.5B decode over a streaming cache (16 sinks + 496 recent), 1.5B AR at 8K / 32K, verify of
-    2 / 4 / 8 tokens at 32K, retrieval tier at a 4K budget over 32K. Then end to end at 32K with
+    2 / 4 / 8 tokens at 32K, retrieval tier at a 4K budget over 32K; the same steps with the split-K
+    attention's reduce in its own kernel instead of the attention launch. Then end to end at 32K with
     acceptance INJECTED (benchmark-only; random weights accept nothing), fused ON: AR vs
     draft [target, tiny] vs triforce [target, retrieval, tiny].
     """
@@ -307,6 +309,17 @@ def part_qwen(args, out: dict) -> None:
             print(json.dumps(row), flush=True)
         model.fused_projections = tiny.fused_projections = True
         out["qwen_steps"] = rows
+        ab = []  # the split-K reduce inside the attention launch (default) vs its own kernel, side by side
+        for fused_reduce in (True, False):
+            set_fused_reduce(fused_reduce)
+            row = {"fused_reduce": fused_reduce, "tiny05_step_ms": step_ms(tiny, stream, 1, lambda: stream.truncate(512)),
+                   "ar32k_ms": step_ms(model, full, 1, lambda: full.truncate(ctx)),
+                   "verify4_32k_ms": step_ms(model, full, 4, lambda: full.truncate(ctx)),
+                   "retrieval4k_ms": step_ms(model, ret, 1, lambda: ret.truncate(ctx))}
+            ab.append(row)
+            print(json.dumps(row), flush=True)
+        set_fused_reduce(True)
+        out["fused_reduce_ab"] = ab
         del ret, full
         gc.collect()
         torch.cuda.empty_cache()

@@ -10,6 +10,10 @@ input, and every GEMV program reads that whole input row anyway, so they fold in
   (rounded to the input dtype, as the unfused add) and program 0 writes that new residual.
 - `swiglu_gemv`: the down projection of silu(gate) * up, computed from the gate/up GEMV's output
   chunk by chunk.
+- `add_norm_gemv_rope`: `add_norm_gemv` of the q/k/v projection whose epilogue is `rope_write`:
+  each program computes dims [j, j + b) and [j + D/2, j + D/2 + b) of one head (the pairs RoPE
+  mixes), rotates a query head into q, rotates a key head and writes it, or writes a value head,
+  straight into the KV store. One launch per layer fewer; one row (a decode step) only.
 
 Conventions as `gemv.py`: x holds <= 16 rows (one FMA path for one row, tl.dot for several), the
 model uses them for bf16/fp16 on CUDA only; float32 keeps the reference (cuBLAS) path. Each kernel
@@ -90,6 +94,81 @@ if triton is not None:
         else:
             acc = acc * tl.rsqrt(tl.sum(ss, 0) / K + eps) + b
             tl.store(Y + n, acc.to(Y.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _add_norm_acc_pair(acc_lo, acc_hi, ss, w_lo, w_hi, X, DELTA, G, RES, k, k_ok, write_res,
+                           HAS_DELTA: tl.constexpr):
+        """`_add_norm_acc` of one row for two weight tiles (a head's paired dims) sharing one x slice."""
+        g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
+        x = tl.load(X + k, mask=k_ok, other=0.0)
+        if HAS_DELTA:  # the residual add, rounded as the unfused add rounds it
+            x = (x.to(tl.float32) + tl.load(DELTA + k, mask=k_ok, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+            if write_res:
+                tl.store(RES + k, x, mask=k_ok)
+        xf = x.to(tl.float32)
+        ss += xf * xf
+        acc_lo += tl.sum(w_lo.to(tl.float32) * (xf * g)[None, :], 1)
+        acc_hi += tl.sum(w_hi.to(tl.float32) * (xf * g)[None, :], 1)
+        return acc_lo, acc_hi, ss
+
+    @triton.jit
+    def _add_norm_gemv_rope_kernel(X, DELTA, G, W, BIAS, RES, QO, SK, SV, COS, SIN, IDX, K, swn, eps, H, KVH,
+                                   sqo_h, ssk_h, ssk_s, ssv_h, ssv_s,
+                                   HAS_DELTA: tl.constexpr, HAS_BIAS: tl.constexpr, D: tl.constexpr,
+                                   BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+        HALF: tl.constexpr = D // 2
+        pid = tl.program_id(0)
+        head = pid // (HALF // BLOCK_H)  # q heads, then k heads, then v heads, as the fused weight's rows
+        d = (pid % (HALF // BLOCK_H)) * BLOCK_H + tl.arange(0, BLOCK_H)  # dims in the head's first half
+        n_lo = head * D + d
+        n_hi = n_lo + HALF
+        acc_lo = tl.zeros([BLOCK_H], tl.float32)
+        acc_hi = tl.zeros([BLOCK_H], tl.float32)
+        ss = tl.zeros([BLOCK_K], tl.float32)
+        # the first weight slices are read before waiting for the kernels that write x and delta (PDL)
+        k = tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        w_lo = tl.load(W + n_lo[:, None] * swn + k[None, :], mask=k_ok[None, :], other=0.0)
+        w_hi = tl.load(W + n_hi[:, None] * swn + k[None, :], mask=k_ok[None, :], other=0.0)
+        pdl_wait(PDL)
+        acc_lo, acc_hi, ss = _add_norm_acc_pair(acc_lo, acc_hi, ss, w_lo, w_hi, X, DELTA, G, RES, k, k_ok,
+                                                pid == 0, HAS_DELTA)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < K
+            w_lo = tl.load(W + n_lo[:, None] * swn + k[None, :], mask=k_ok[None, :], other=0.0)
+            w_hi = tl.load(W + n_hi[:, None] * swn + k[None, :], mask=k_ok[None, :], other=0.0)
+            acc_lo, acc_hi, ss = _add_norm_acc_pair(acc_lo, acc_hi, ss, w_lo, w_hi, X, DELTA, G, RES, k, k_ok,
+                                                    pid == 0, HAS_DELTA)
+        scale = tl.rsqrt(tl.sum(ss, 0) / K + eps)
+        acc_lo = acc_lo * scale
+        acc_hi = acc_hi * scale
+        if HAS_BIAS:
+            acc_lo += tl.load(BIAS + n_lo).to(tl.float32)
+            acc_hi += tl.load(BIAS + n_hi).to(tl.float32)
+        # rounded to the activations' dtype, as the projection's output is before RoPE reads it
+        lo = acc_lo.to(QO.dtype.element_ty)
+        hi = acc_hi.to(QO.dtype.element_ty)
+        if head < H + KVH:  # q or k: rotate (float32 math, one rounding, as rope_write)
+            c_lo = tl.load(COS + d).to(tl.float32)
+            c_hi = tl.load(COS + HALF + d).to(tl.float32)
+            s_lo = tl.load(SIN + d).to(tl.float32)
+            s_hi = tl.load(SIN + HALF + d).to(tl.float32)
+            r_lo = lo.to(tl.float32) * c_lo - hi.to(tl.float32) * s_lo
+            r_hi = hi.to(tl.float32) * c_hi + lo.to(tl.float32) * s_hi
+            if head < H:
+                tl.store(QO + head * sqo_h + d, r_lo.to(QO.dtype.element_ty))
+                tl.store(QO + head * sqo_h + HALF + d, r_hi.to(QO.dtype.element_ty))
+            else:
+                row = tl.load(IDX).to(tl.int64)
+                dst = SK + (head - H) * ssk_h + row * ssk_s
+                tl.store(dst + d, r_lo.to(SK.dtype.element_ty))
+                tl.store(dst + HALF + d, r_hi.to(SK.dtype.element_ty))
+        else:  # v: written as projected
+            row = tl.load(IDX).to(tl.int64)
+            dst = SV + (head - H - KVH) * ssv_h + row * ssv_s
+            tl.store(dst + d, lo.to(SV.dtype.element_ty))
+            tl.store(dst + HALF + d, hi.to(SV.dtype.element_ty))
 
     @triton.jit
     def _swiglu_acc(acc, w, GU, k, k_ok, m, M, sgm, K, DOT: tl.constexpr):
@@ -198,6 +277,59 @@ def add_norm_gemv_triton(x: torch.Tensor, delta: torch.Tensor | None, norm_weigh
         HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
         BLOCK_K=block_k, DOT=dot, PDL=pdl, launch_pdl=pdl, num_stages=3, num_warps=warps)
     return res.view(x.shape), y.view(*x.shape[:-1], n)
+
+
+def add_norm_gemv_rope_reference(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                                 w: torch.Tensor, bias: torch.Tensor | None, n_heads: int, cos: torch.Tensor,
+                                 sin: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
+                                 idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rotated q [1, H, 1, D]) of one token; its rotated k and its v written to
+    store_k / store_v [KVH, S, D] at row idx [1]: `add_norm_gemv` of the fused q/k/v weight, then `rope_write`."""
+    from .rope_write import rope_write_reference
+
+    kvh, d = store_k.shape[0], store_k.shape[-1]
+    x, qkv = add_norm_gemv_reference(x, delta, norm_weight, eps, w, bias)
+    q, k, v = qkv.reshape(1, -1, d).split((n_heads, kvh, kvh), dim=1)
+    q = rope_write_reference(q[:, :, None], k[:, :, None], v[:, :, None], cos, sin, store_k, store_v, idx)
+    return x, q
+
+
+def add_norm_gemv_rope_triton(x: torch.Tensor, delta: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                              w: torch.Tensor, bias: torch.Tensor | None, n_heads: int, cos: torch.Tensor,
+                              sin: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor,
+                              idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One kernel for `add_norm_gemv_rope_reference`: x, delta [1, 1, K]; w [(H + 2 KVH) D, K] (q, k,
+    v rows); cos/sin [1, D] at the token's position; store [KVH, S, D] (head_dim contiguous); idx [1]."""
+    x2 = _rows(x, "add_norm_gemv_rope")
+    m, k = x2.shape
+    kvh, d = store_k.shape[0], store_k.shape[-1]
+    n = w.shape[0]
+    if m != 1:
+        raise ValueError(f"add_norm_gemv_rope takes one token, got {m} rows")
+    if d < 2 or d & (d - 1) or n != (n_heads + 2 * kvh) * d or w.shape[1] != k or w.stride(1) != 1:
+        raise ValueError(f"add_norm_gemv_rope: weight {tuple(w.shape)} must be {n_heads} + 2 x {kvh} heads of a "
+                         f"power-of-two head_dim {d} by {k} features, rows contiguous")
+    if norm_weight.numel() != k or (bias is not None and bias.shape != (n,)):
+        raise ValueError(f"add_norm_gemv_rope: norm weight / bias must have {k} / {n} elements")
+    if delta is not None and delta.shape != x.shape:
+        raise ValueError(f"add_norm_gemv_rope: delta {tuple(delta.shape)} must have the shape of x {tuple(x.shape)}")
+    if (store_v.shape != store_k.shape or cos.numel() != d or sin.numel() != d or idx.numel() != 1
+            or any(t.stride(-1) != 1 for t in (store_k, store_v, cos, sin))):
+        raise ValueError(f"add_norm_gemv_rope: store {tuple(store_k.shape)} / {tuple(store_v.shape)}, cos/sin of "
+                         f"{d} and one write row are needed (last dims contiguous)")
+    d2 = _rows(delta, "add_norm_gemv_rope") if delta is not None else x2
+    res = torch.empty_like(x2) if delta is not None else x2
+    q = torch.empty(1, n_heads, 1, d, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = one_row_config(n, k, x)
+    block_h = max(1, min(d // 2, block_n // 2))
+    pdl = use_pdl(x, n * k * w.element_size())
+    _add_norm_gemv_rope_kernel[(n // (2 * block_h),)](
+        x2, d2, norm_weight, w, bias if bias is not None else w, res, q, store_k, store_v, cos, sin, idx, k,
+        w.stride(0), eps, n_heads, kvh, q.stride(1), store_k.stride(0), store_k.stride(1),
+        store_v.stride(0), store_v.stride(1),
+        HAS_DELTA=delta is not None, HAS_BIAS=bias is not None, D=d, BLOCK_H=block_h, BLOCK_K=block_k,
+        PDL=pdl, launch_pdl=pdl, num_stages=3, num_warps=warps)
+    return res.view(x.shape), q
 
 
 def swiglu_gemv_reference(gate_up: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

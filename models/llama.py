@@ -291,6 +291,8 @@ def _fuse(module: nn.Module, name: str, linears: list[nn.Linear]) -> None:
 
 
 class Attention(nn.Module):
+    rope_in_projection = True  # the fused q/k/v kernel may rotate and write k/v (a quantized view: False)
+
     def __init__(self, args: ModelArgs, tp_group=None):
         super().__init__()
         world, _ = _tp(tp_group)
@@ -320,6 +322,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cache, layer: int) -> torch.Tensor:
         return self.attend(gemv(x, self.wqkv, self.wqkv_bias), cache, layer)
 
+    def project_attend(self, x: torch.Tensor, delta: torch.Tensor | None, norm: "RMSNorm", cache, layer: int,
+                       fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, this layer's attention output). `fused` on a graph-mode step whose cache says
+        where its keys go (`rope_targets`): one kernel projects q/k/v, rotates q and k and writes k
+        and v into the cache, and the cache attends the rotated queries; else projection, then
+        `attend` (the cache rotates and writes)."""
+        targets = cache.rope_targets(layer) if fused and self.rope_in_projection else None
+        if targets is None:
+            x, qkv = self.project_qkv(x, delta, norm, fused)
+            return x, self.attend(qkv, cache, layer)
+        x, q = fused_gemv.add_norm_gemv_rope_triton(x, delta, norm.weight, norm.eps, self.wqkv, self.wqkv_bias,
+                                                    self.n_heads, *targets)
+        return x, self._output(cache.attend_rotated(layer, q))
+
     def attend(self, qkv: torch.Tensor, cache, layer: int) -> torch.Tensor:
         """Attention and the o projection of the fused q/k/v projection's output [B, T, (H + 2 KVH) D]."""
         b, t, _ = qkv.shape
@@ -328,7 +344,11 @@ class Attention(nn.Module):
         q = q.view(b, t, self.n_heads, hd).transpose(1, 2)
         k = k.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
-        out = cache.attend(layer, q, k, v)
+        return self._output(cache.attend(layer, q, k, v))
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """The o projection (all-reduced under tensor parallelism) of attention output [B, H, T, D]."""
+        b, _, t, _ = out.shape
         out = self.project_out(out.transpose(1, 2).reshape(b, t, -1))
         if self.tp_group is not None:
             dist.all_reduce(out, group=self.tp_group)
@@ -385,9 +405,8 @@ class Block(nn.Module):
         """The residual stream is handed on as (x, delta), its sum not yet formed: each residual add
         runs with the norm after it, in one kernel (or, `fused`, inside the next projection's GEMV).
         Returns the stream after attention and this block's MLP output, the next block's delta."""
-        x, qkv = self.self_attn.project_qkv(x, delta, self.input_layernorm, fused)
-        x, gate_up = self.mlp.project_gate_up(x, self.self_attn.attend(qkv, cache, layer),
-                                              self.post_attention_layernorm, fused)
+        x, attn = self.self_attn.project_attend(x, delta, self.input_layernorm, cache, layer, fused)
+        x, gate_up = self.mlp.project_gate_up(x, attn, self.post_attention_layernorm, fused)
         return x, self.mlp.down(gate_up, fused)
 
 

@@ -131,6 +131,8 @@ def quant_weight_bytes(args: ModelArgs, weights: str, group_size: int = 128, qua
 class QuantAttention(Attention):
     """The target's attention layer with quantized copies of its fused q/k/v and o projections."""
 
+    rope_in_projection = False  # its q/k/v projection is a quantized GEMV: the cache rotates and writes
+
     def __init__(self, attn: Attention, bits: int, group_size: int):
         nn.Module.__init__(self)
         self.tp_group, self.n_heads, self.n_kv_heads, self.head_dim = attn.tp_group, attn.n_heads, attn.n_kv_heads, attn.head_dim

@@ -17,7 +17,8 @@ if not CUDA:
 from triforce.kernels import _common  # noqa: E402
 from triforce.kernels.chunk_topk import (chunk_scores, chunk_scores_reference, chunk_summaries,  # noqa: E402
                                          chunk_summaries_reference, select_chunks, select_chunks_reference)
-from triforce.kernels.fused_gemv import (add_norm_gemv_reference, add_norm_gemv_triton,  # noqa: E402
+from triforce.kernels.fused_gemv import (add_norm_gemv_reference, add_norm_gemv_rope_reference,  # noqa: E402
+                                         add_norm_gemv_rope_triton, add_norm_gemv_triton,
                                          swiglu_gemv_reference, swiglu_gemv_triton)
 from triforce.kernels.fused_gemv import supported as fused_supported  # noqa: E402
 from triforce.kernels.gemv import gemv, gemv_reference, gemv_triton  # noqa: E402
@@ -608,6 +609,38 @@ def test_swiglu_gemv_matches_reference(m, k, n):
     assert not torch.allclose(swiglu_gemv_reference(swapped, w), got, **TOL)
 
 
+ROPE_GEMV_CASES = [  # H, KVH, D, K, delta, bias, write row
+    (4, 2, 16, 300, True, True, 5),    # GQA; K not a multiple of the block
+    (2, 2, 32, 64, False, False, 0),   # MHA, first layer (no residual add), row 0
+    (7, 1, 16, 112, True, True, 39),   # 7 query heads per KV head, the store's last row
+    (1, 1, 2, 17, True, False, 3),     # head_dim 2: one rotated pair per head
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("h,kvh,d,k,delta,bias,row", ROPE_GEMV_CASES)
+def test_add_norm_gemv_rope_matches_reference(h, kvh, d, k, delta, bias, row):
+    """The q/k/v projection with RoPE and the KV write in its epilogue equals the projection followed
+    by `rope_write`; only the token's row of the store changes."""
+    x, dl, g, w, b = norm_gemv_case(1, k, (h + 2 * kvh) * d, delta, bias, seed=h * 10 + d)
+    gen = torch.Generator().manual_seed(d)
+    angle = rand(1, d // 2, gen=gen) * 3
+    cos, sin = torch.cat([angle.cos()] * 2, -1).to(DEV), torch.cat([angle.sin()] * 2, -1).to(DEV)
+    before = (rand(kvh, 40, d, gen=gen), rand(kvh, 40, d, gen=gen))
+    stores = [tuple(t.clone() for t in before) for _ in range(2)]
+    idx = torch.tensor([row], device=DEV)
+    want_res, want_q = add_norm_gemv_rope_reference(x, dl, g, 1e-6, w, b, h, cos, sin, *stores[0], idx)
+    got_res, got_q = add_norm_gemv_rope_triton(x, dl, g, 1e-6, w, b, h, cos, sin, *stores[1], idx)
+    assert got_q.shape == (1, h, 1, d) and torch.equal(got_res, want_res)
+    torch.testing.assert_close(got_q, want_q, **TOL)
+    for got, want, old in zip(stores[1], stores[0], before):
+        torch.testing.assert_close(got, want, **TOL)
+        assert not torch.equal(want[:, row], old[:, row])
+        assert torch.equal(got[:, :row], old[:, :row]) and torch.equal(got[:, row + 1:], old[:, row + 1:])
+    if d > 2:  # a swapped pairing (first and second half exchanged) would show
+        assert not torch.allclose(got_q, torch.cat(want_q.chunk(2, -1)[::-1], -1), **TOL)
+
+
 def test_fused_gemvs_reject_bad_shapes():
     if not _common.HAS_TRITON:
         pytest.skip("triton is not importable")
@@ -623,6 +656,34 @@ def test_fused_gemvs_reject_bad_shapes():
     with pytest.raises(ValueError, match="2 x 32"):
         swiglu_gemv_triton(rand(1, 2, 60), rand(8, 32))
     assert not fused_supported(x)  # float32 (and CPU) keep the unfused path
+    x1, d1, g1, w1, b1 = norm_gemv_case(1, 32, 6 * 16, True, True)
+    cos = sin = torch.ones(1, 16, device=DEV)
+    store = rand(1, 8, 16), rand(1, 8, 16)
+    one = torch.zeros(1, dtype=torch.long, device=DEV)
+    with pytest.raises(ValueError, match="one token"):
+        add_norm_gemv_rope_triton(x, d, g, 1e-5, w, b, 4, cos, sin, *store, one)
+    with pytest.raises(ValueError, match="heads"):
+        add_norm_gemv_rope_triton(x1, d1, g1, 1e-5, w1, b1, 3, cos, sin, *store, one)  # 3 + 2 x 1 heads, not 6
+
+
+@gpu
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_add_norm_gemv_rope_low_precision(dtype):
+    """Qwen2.5-0.5B q/k/v with bias (14 + 2 x 2 heads of 64, K = 896), RoPE and the write, against float32."""
+    h, kvh, d, k = 14, 2, 64, 896
+    x, dl, g, w, b = norm_gemv_case(1, k, (h + 2 * kvh) * d, True, True, dtype=dtype, seed=3)
+    angle = torch.rand(1, d // 2, device=DEV) * 3
+    cos, sin = torch.cat([angle.cos()] * 2, -1), torch.cat([angle.sin()] * 2, -1)
+    store = [torch.zeros(kvh, 50, d, device=DEV) for _ in range(2)]
+    idx = torch.tensor([17], device=DEV)
+    ref = [t.float() for t in (x, dl, g, w, b)]
+    _, want = add_norm_gemv_rope_reference(*ref[:3], 1e-6, *ref[3:], h, cos, sin, *store, idx)
+    low = [t.to(dtype) for t in store]
+    _, got = add_norm_gemv_rope_triton(x, dl, g, 1e-6, w, b, h, cos.to(dtype), sin.to(dtype), *low, idx)
+    torch.testing.assert_close(got.float(), want, atol=0.5, rtol=2e-2)
+    for lo, hi in zip(low, store):
+        torch.testing.assert_close(lo.float(), hi, atol=0.5, rtol=2e-2)
 
 
 @gpu

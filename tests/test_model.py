@@ -101,6 +101,59 @@ def test_gguf_reader_matches_gguf_package():
 
 
 @torch.inference_mode()
+def test_graph_mode_decode_rotates_and_writes_in_the_projection(monkeypatch):
+    """A graph-mode decode step with the fused projections runs q/k/v, RoPE and the KV write as one
+    kernel per layer, for the full, streaming and retrieval caches; its logits and the cache's keys
+    and values equal the unfused step's (projection, then the cache's rope_write)."""
+    from triforce.cache import RetrievalCache, StreamingCache
+    from triforce.graphs import GraphedModel
+    from triforce.kernels import _common
+    from triforce.models import llama
+
+    if not _common.HAS_TRITON or not (torch.cuda.is_available() or _common.INTERPRET):
+        pytest.skip("needs triton (CUDA or TRITON_INTERPRET=1)")
+    args = ModelArgs(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                     max_position_embeddings=256, tie_word_embeddings=True, attention_bias=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(args, None, dev, torch.float32, seed=5)
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    ids = torch.randint(0, 97, (1, 44), generator=gen).to(dev)
+    calls = []
+    real = llama.fused_gemv.add_norm_gemv_rope_triton
+    monkeypatch.setattr(llama.fused_gemv, "add_norm_gemv_rope_triton", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(llama, "fused_projections_supported", lambda x: x.shape[1] == 1)  # CPU fp32 here
+    makers = {"full": lambda: FullCache(model, 64),
+              "streaming": lambda: StreamingCache(model, 2, 16, slack=8, max_forward=40),
+              "retrieval": lambda: RetrievalCache(FullCache(model, 64), model, 16, 4)}
+
+    def run(kind: str, fused: bool):
+        model.fused_projections = fused
+        cache = makers[kind]()
+        store = cache.full if kind == "retrieval" else cache
+        model(ids[:, :32], store, last=0)  # eager prefill (the retrieval tier adopts the target's)
+        if kind == "retrieval":
+            cache.adopt_prefix(32)
+            model(ids[:, 32:33], cache)  # the eager selection step
+        graphed = GraphedModel(model, cache, {1}, capture=torch.cuda.is_available())
+        logits = [graphed(ids[:, i:i + 1], 1) for i in range(33, 40)]
+        return logits, store.k.clone(), store.v.clone()
+
+    tol = dict(atol=1e-4, rtol=1e-4) if dev == "cpu" else dict(atol=2e-2, rtol=2e-2)
+    for kind in makers:
+        calls.clear()
+        want = run(kind, False)
+        assert not calls
+        got = run(kind, True)
+        assert len(calls) == 7 * args.n_layers, kind  # every layer of every graph-mode decode step
+        for g, w in zip(got[0] + list(got[1:]), want[0] + list(want[1:])):
+            torch.testing.assert_close(g, w, **tol)
+    model.fused_projections = True
+
+
+@torch.inference_mode()
 def test_fused_projections_match_unfused(monkeypatch):
     """The fused-projection path (add + RMSNorm and SwiGLU inside the GEMVs; Triton, on CPU interpreted,
     float32 either way) gives the unfused model's logits for decode and verify steps, prefill unfused."""

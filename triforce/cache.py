@@ -125,6 +125,17 @@ class KVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def rope_targets(self, layer: int) -> tuple | None:
+        """Graph mode: where this step's keys and values go, (cos, sin, store_k, store_v, write rows)
+        as `rope_write` takes them; `attend` is then `attend_rotated(layer, rope_write(q, k, v,
+        *targets))`, so the q/k/v projection may rotate and write in its own kernel. None where only
+        `attend` applies (eager steps, batches, caches without a device path)."""
+        return None
+
+    def attend_rotated(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Graph mode: attention of rotated queries once this step's keys and values are written."""
+        raise NotImplementedError
+
     def advance(self, n_new: int) -> None:
         if not self.graph_mode:
             self.length += n_new
@@ -341,13 +352,18 @@ class FullCache(KVCache):
 
     def attend(self, layer, q, k, v):
         if self.graph_mode:
-            q = rope_write(q, k, v, self.cos, self.sin, self.k[layer], self.v[layer], self.pos_t)
-            return device_attention(q, self.k[layer], self.v[layer], self.end_t, self.max_length, self.zero_t)
+            return self.attend_rotated(layer, rope_write(q, k, v, *self.rope_targets(layer)))
         q, k = rope_qk(q, k, self.cos, self.sin)
         s, e = self.length, self.length + q.shape[2]
         self.k[layer, :, s:e] = k[0]
         self.v[layer, :, s:e] = v[0]
         return attention(q, self.k[layer, :, :e], self.v[layer, :, :e])
+
+    def rope_targets(self, layer: int) -> tuple | None:
+        return (self.cos, self.sin, self.k[layer], self.v[layer], self.pos_t) if self.graph_mode else None
+
+    def attend_rotated(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return device_attention(q, self.k[layer], self.v[layer], self.end_t, self.max_length, self.zero_t)
 
     def device_view(self) -> tuple:
         return self.cos, self.sin, self.pos_t, self.end_t, self.zero_t, self.max_length
@@ -493,9 +509,7 @@ class StreamingCache(KVCache):
             n = min(self.sinks, s + k.shape[2]) - s
             self.sink_k[layer, :, s:s + n] = k[0, :, :n]
         if self.graph_mode:
-            q = rope_write(q, k, v, self.cos, self.sin, self.k[layer], self.v[layer], self.write_t)
-            return device_attention(q, self.k[layer], self.v[layer], self.n_keys_t, self.max_keys,
-                                    self.view_start_t, self.sink_idx if self.sinks else None)
+            return self.attend_rotated(layer, rope_write(q, k, v, *self.rope_targets(layer)))
         q, k = rope_qk(q, k, self.cos, self.sin)
         self.k[layer, :, s:s + k.shape[2]] = k[0]
         self.v[layer, :, s:s + k.shape[2]] = v[0]
@@ -506,6 +520,13 @@ class StreamingCache(KVCache):
             keys = torch.cat((self.k[layer, :, :n_sink], self.k[layer, :, a:b]), dim=1)
             vals = torch.cat((self.v[layer, :, :n_sink], self.v[layer, :, a:b]), dim=1)
         return attention(q, keys, vals)
+
+    def rope_targets(self, layer: int) -> tuple | None:
+        return (self.cos, self.sin, self.k[layer], self.v[layer], self.write_t) if self.graph_mode else None
+
+    def attend_rotated(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        return device_attention(q, self.k[layer], self.v[layer], self.n_keys_t, self.max_keys,
+                                self.view_start_t, self.sink_idx if self.sinks else None)
 
     def device_view(self) -> tuple | None:
         if not self.position_shift:
@@ -658,10 +679,21 @@ class SelectionCache(KVCache):
             return self.full.gather(layer, self.sel_idx[layer].long())
         return self.sel_k[layer], self.sel_v[layer]
 
-    def _attend_device(self, layer, q, k, v):
-        """Graph mode: RoPE and in-place write (verified positions diverted to the store's scratch
-        slot), then split-K attention reading the store in place. An offloaded store's host layers
-        are read from its device mirror instead: [selected KV | tail since the boundary | scratch]."""
+    def rope_targets(self, layer: int) -> tuple | None:
+        """Verified positions are diverted to the store's scratch slot; an offloaded store's host
+        layers are written to its device mirror instead ([selected KV | tail since the boundary | scratch])."""
+        if not self.graph_mode:
+            return None
+        full = self.full
+        if full.device_resident:
+            return self.cos, self.sin, full.k[layer], full.v[layer], self.write_t
+        j = full.offloaded_index(layer)
+        if j is not None:
+            return (self.cos, self.sin, *full.mirror(j), self.mirror_w_t)
+        return self.cos, self.sin, full.dev_k[layer], full.dev_v[layer], self.write_t  # not full.k: that syncs host writes
+
+    def attend_rotated(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Split-K attention reading the store (or an offloaded layer's mirror) in place."""
         full = self.full
         if full.device_resident:
             store_k, store_v = full.k[layer], full.v[layer]
@@ -669,11 +701,9 @@ class SelectionCache(KVCache):
             j = full.offloaded_index(layer)
             if j is not None:
                 mk, mv = full.mirror(j)
-                q = rope_write(q, k, v, self.cos, self.sin, mk, mv, self.mirror_w_t)
                 return device_attention(q, mk, mv, self.n_keys_t, self.max_keys,
                                         self.front_t if self.full_view else self.zero_t)
-            store_k, store_v = full.dev_k[layer], full.dev_v[layer]  # not full.k: that syncs host writes
-        q = rope_write(q, k, v, self.cos, self.sin, store_k, store_v, self.write_t)
+            store_k, store_v = full.dev_k[layer], full.dev_v[layer]
         if self.selecting and not self.full_view:  # a selection on the device (`begin_selection`)
             self.sel_idx[layer] = self.device_choose(q, store_k[None], [self.boundary])[0]
         if self.full_view:
@@ -713,7 +743,7 @@ class SelectionCache(KVCache):
 
     def attend(self, layer, q, k, v):
         if self.graph_mode:
-            return self._attend_device(layer, q, k, v)
+            return self.attend_rotated(layer, rope_write(q, k, v, *self.rope_targets(layer)))
         q, k = rope_qk(q, k, self.cos, self.sin)
         s, e = self.length, self.length + q.shape[2]
         w = max(s, self.full.length)  # never overwrite KV the target has verified

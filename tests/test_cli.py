@@ -96,6 +96,10 @@ def test_offload_true_matches_resident():
     a = triforce.load(*TINY, "temperature=0", "offload=true").generate("offloaded prompt " * 4).token_ids
     b = triforce.load(*TINY, "temperature=0", "offload=false").generate("offloaded prompt " * 4).token_ids
     assert a == b
+    texts = ["offloaded prompt " * 4, "another, longer offloaded prompt " * 3]
+    rows = triforce.load(*TINY, "temperature=0", "offload=true").generate(texts)
+    assert [r.token_ids for r in rows] == [triforce.load(*TINY, "temperature=0", "offload=false").generate(t).token_ids
+                                           for t in texts] and rows[0].stats["batch"]["rows"] == 2
 
 
 @pytest.mark.parametrize("override,msg", [

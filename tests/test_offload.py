@@ -134,6 +134,41 @@ def test_three_tier_engine_greedy_equal(model):
     assert off.generate(prompt, 40) == want  # a second call resets the store and the mirror
 
 
+@torch.inference_mode()
+def test_batched_offloaded_rows_equal_their_single_resident_runs(model):
+    """offload=true with several prompts: every row has its own host store, staging slots and mirror
+    behind `Rows`, and each greedy row equals the resident single run of its prompt, three tiers deep."""
+    from triforce.cache import Rows
+
+    prompts = [ids(n, seed=10 + n)[0] for n in (260, 120, 200)]
+    ref = engine(model, False)
+    want = [ref.generate(p, 24) for p in prompts]
+    full = Rows.build(lambda b: OffloadedFullCache(model, MAX_LEN, resident_layers=1, transfer_chunk=50,
+                                                   stage_device="cpu"), 3)
+    tiers = [Tier("target", model, full, gamma=5),
+             Tier("retrieval", model, Rows.build(lambda b: RetrievalCache(full.rows[b], model, budget=64, chunk_size=8), 3),
+                  gamma=3),
+             Tier("tiny", model, Rows.build(lambda b: StreamingCache(model, sinks=4, window=32, slack=16, max_forward=64), 3))]
+    got = SpeculativeEngine(tiers, temperature=0.0, top_p=1.0, prefill_chunk=64).generate_batch(prompts, 24)
+    assert got == want
+    assert len({id(r.host_k) for r in full.rows}) == 3  # no row shares another's store
+
+
+def test_plan_offloads_a_batch_only_when_asked():
+    """A batch that does not fit the GPU: offload=auto refuses it with the GiB per row (it would be
+    bound by the host link), offload=true offloads every row with its own staging slots and mirror."""
+    with pytest.raises(ValueError, match=r"a batch of 2 rows of up to 131072 tokens needs .* per row"):
+        plan_memory(LLAMA2_7B, 131072, 4096, 6, LLAMA_68M, 2, 80 * GiB, 512 * GiB, "auto", batch=2)
+    one = plan_memory(LLAMA2_7B, 131072, 4096, 6, LLAMA_68M, 2, 80 * GiB, 512 * GiB, "true")
+    two = plan_memory(LLAMA2_7B, 131072, 4096, 6, LLAMA_68M, 2, 80 * GiB, 512 * GiB, "true", batch=2)
+    assert two.offload and two.host_needed > one.host_needed
+    for part in ("staging", "retrieval"):
+        assert two.gpu_parts[part] == 2 * one.gpu_parts[part], part
+    per_layer = [p.gpu_parts["mirror"] // p.offloaded_layers for p in (one, two)]  # a mirror per offloaded layer
+    assert per_layer[1] == 2 * per_layer[0]
+    assert two.resident_layers < one.resident_layers  # the second row's KV takes room from resident layers
+
+
 def test_offloaded_cache_rejects_bad_arguments(model):
     with pytest.raises(ValueError, match="resident_layers must be in 0..3"):
         OffloadedFullCache(model, 64, resident_layers=4)

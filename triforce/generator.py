@@ -267,7 +267,7 @@ class Generator:
 
     def plan_memory(self, capacity: int, new_tokens: int, batch: int = 1):
         """What fits on this GPU (or `gpu_memory_gb`): resident vs offloaded target KV, retrieval budget;
-        with `batch` rows of `capacity` tokens each (never offloaded).
+        with `batch` rows of `capacity` tokens each (offloaded only with offload=true).
 
         Under tensor parallelism the plan is per rank: this rank's shard of the weights and KV,
         its GPU, and its share of the host's memory (`host_memory_gb` is per rank when given).
@@ -332,8 +332,6 @@ class Generator:
             return self._tiers
         self._tiers, self._middles = None, {}
         offload = plan.offload if plan is not None else str(cfg.get("offload", "auto")).lower() == "true"
-        if offload and batch > 1:
-            raise ValueError("offloading runs one sequence at a time: use offload=auto or false for several prompts")
         self.batch = batch
 
         def rows(make) -> KVCache:
@@ -342,8 +340,8 @@ class Generator:
         if offload:  # on CPU this exercises the same staging code with host tensors
             from triforce.offload import OffloadedFullCache
 
-            full = (OffloadedFullCache(self.model, capacity, plan.resident_layers, plan.transfer_chunk)
-                    if plan is not None else OffloadedFullCache(self.model, capacity))
+            full = rows(lambda b: OffloadedFullCache(self.model, capacity, plan.resident_layers, plan.transfer_chunk)
+                        if plan is not None else OffloadedFullCache(self.model, capacity))
         else:
             full = rows(lambda b: FullCache(self.model, capacity))
         self._full = full
@@ -478,7 +476,8 @@ class Generator:
 
         Rows with the same temperature and top_p are decoded together, `batch_size` at a time (auto: as
         many as fit the GPU), sharing every tier's forwards (under pipeline=auto one choice serves the
-        whole batch); with offloading or tensor parallelism they run one after another.
+        whole batch; offload=true offloads every row's KV); under tensor parallelism they run one
+        after another.
         """
         rows = normalize_rows(prompts)
         cfg = self.cfg
@@ -531,7 +530,7 @@ class Generator:
     def _batches(self, jobs: list[tuple]) -> list[list[int]]:
         """Row indices grouped into the batches that run: same sampling settings, at most batch_size
         rows, longest rows first (the first batch then plans the largest caches)."""
-        batchable = self.tp == 1 and str(self.cfg.get("offload", "auto")).lower() != "true"
+        batchable = self.tp == 1
         order = sorted(range(len(jobs)), key=lambda i: -(len(jobs[i][0]) + jobs[i][1]))
         if not batchable or len(jobs) == 1 or str(self.cfg.get("batch_size", "auto")) == "1":
             if self.device.type == "cuda":  # the longest row must fit before any row runs (the error says what it needs)

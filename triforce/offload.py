@@ -102,6 +102,7 @@ class OffloadedFullCache(FullCache):
 
     graph_ready = False
     device_resident = False
+    batch_shared = ()  # a batch's rows keep their own host stores, staging slots and mirrors
 
     def __init__(self, model: Transformer, max_length: int, resident_layers: int = 0,
                  transfer_chunk: int | None = None, stage_device: str | torch.device | None = None,

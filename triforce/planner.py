@@ -121,15 +121,15 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     int4; `triforce.models.quant.quant_weight_bytes`), on the GPU beside the target's weights: with
     offloading every byte of them is a byte less for resident target KV layers.
     batch: rows decoded together (every row has its own target KV, draft caches and graph rows of
-    `context` tokens; weights are shared); a batch is never offloaded.
+    `context` tokens; weights are shared). Only offload="true" offloads a batch (every row's layers
+    past the resident ones, each row with its own staging slots and mirror): a batch's target step
+    then reads every row's KV over the host link, so "auto" fits rows on the GPU instead.
     Raises ValueError naming the GiB needed and available and what to change.
     """
     mode = _mode(offload)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    if batch > 1 and mode == "true":
-        raise ValueError("offloading runs one sequence at a time: use offload=auto or false for a batch, or batch_size=1")
-    if batch > 1:
+    if batch > 1 and mode == "auto":
         mode = "false"
     if context < 1 or gpu_bytes <= 0:
         raise ValueError(f"context ({context}) and gpu_bytes ({gpu_bytes}) must be positive")
@@ -169,7 +169,7 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
 
     def plan(offloaded: bool, resident: int, piece: int | None, fitted: int, extra: dict[str, int]) -> MemoryPlan:
         # per offloaded layer, the device mirror a graphed retrieval draft reads: its selected KV + the tail
-        mirror = (fitted + tail_tokens) * token_layer * (n_layers - resident) if offloaded and fitted else 0
+        mirror = batch * (fitted + tail_tokens) * token_layer * (n_layers - resident) if offloaded and fitted else 0
         parts = {"weights": weights, "draft": draft, "quantized drafts": quantized_bytes, "target KV": resident * layer_kv,
                  "retrieval": batch * retrieval_memory(args, context, fitted, chunk_size, dtype_bytes,
                                                        offloaded or selection_copies, chunk_summaries), **extra,
@@ -181,7 +181,7 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     everything = plan(False, n_layers, None, budget, {})
     if mode != "true" and everything.gpu_needed <= gpu_bytes:
         return everything
-    if batch > 1:
+    if batch > 1 and mode == "false":
         per_row = (everything.gpu_needed - weights - quantized_bytes) / batch
         raise ValueError(f"a batch of {batch} rows of up to {context} tokens needs {gib(everything.gpu_needed)} GiB of GPU "
                          f"memory (weights {gib(weights)} GiB, about {gib(per_row)} GiB per row) but {gib(gpu_bytes)} GiB "
@@ -195,7 +195,7 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
     # mirror a retrieval draft reads every step; then the retrieval budget, then resident layers
     piece = min(transfer_chunk, context + 1)
     chunked = piece < context + 1
-    extra = {"staging": 2 * piece * token_layer + (3 * 4 * SCORE_BLOCK if chunked else 0)}
+    extra = {"staging": batch * (2 * piece * token_layer + (3 * 4 * SCORE_BLOCK if chunked else 0))}
     fitted = budget
     while fitted and plan(True, 0, None, fitted, extra).gpu_needed > gpu_bytes:
         smaller = max(chunk_size, (fitted // 2) // chunk_size * chunk_size)

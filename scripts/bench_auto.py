@@ -6,12 +6,16 @@ rates 0.8 / 0.9 / 0.95 (middle accepts tiny 0.8, target accepts tiny directly 0.
 runs autoregressive, retrieval, draft ([target, tiny]) and triforce at several gammas, and the
 adaptive chooser (triforce/auto.py: pipeline and gammas auto, budget 4096), which learns the
 injected rates online from the same counters it reads in a real run.
+Part 3 (the same, offloaded): the 7B shape at `--offload-context` on an emulated `--offload-gib`
+GPU (24: the memory planner keeps what fits, the rest of the target's KV streams from pinned host
+memory every target step), injected 0.9, against offloaded autoregressive and the fixed pipelines
+worth running there (large gammas); the regime where the best gamma moves to 24-40.
 Part 2 (real weights through the Generator API; the embedded SmolLM2-135M unless overrides such
 as `+model=qwen2.5-coder-1.5b` are given): prose prompts of 1K and 7K tokens, greedy and T=0.6,
 fixed pipelines vs `pipeline=auto` (each timed run follows an identical untimed one, so graph
 captures and the first-use cost measurement are not timed).
 
-    python scripts/bench_auto.py [--part 1 2] [--context 65536] [--new 256] [HYDRA_OVERRIDES ...]
+    python scripts/bench_auto.py [--part 1 2 3] [--context 65536] [--new 256] [HYDRA_OVERRIDES ...]
     python scripts/bench_auto.py --smoke     # CPU: tiny shapes, a few tokens, checks the script runs
 
 Scenarios of a `scripts/bench_real.py` run with its `auto` rows (the real Qwen2.5-Coder pair on code,
@@ -32,11 +36,14 @@ from pathlib import Path
 import torch
 
 from triforce import auto
+from bench_offload import fill_random as fill_offloaded
 from bench_speed import LLAMA2_7B, LLAMA_68M
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel
 from triforce.models.llama import ModelArgs, build_model
+from triforce.offload import OffloadedFullCache
+from triforce.planner import GiB, host_available_bytes, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_BIG = ModelArgs(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=256,
@@ -47,6 +54,9 @@ RATES = (0.8, 0.9, 0.95)
 TINY_RATE, TINY_DIRECT_RATE = 0.8, 0.5  # middle accepts tiny / target accepts tiny (injected)
 FIXED = [("autoregressive", ()), ("retrieval", (6,)), ("retrieval", (12,)), ("draft", (4,)), ("draft", (8,)),
          ("triforce", (8, 4)), ("triforce", (12, 4)), ("triforce", (12, 6)), ("triforce", (16, 6)), ("triforce", (24, 6))]
+# offloaded: a target step streams the KV over the host link (~1 s at 120K), so only large gammas are worth a run
+FIXED_OFFLOADED = [("autoregressive", ()), ("retrieval", (24,)), ("triforce", (16, 6)), ("triforce", (24, 6)),
+                   ("triforce", (32, 6))]
 
 
 def sync(device) -> None:
@@ -54,26 +64,53 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def part1(args, out: dict) -> None:
+def injected(args, out: dict, offloaded: bool = False) -> None:
+    """Part 1 (on-chip) or part 3 (`offloaded`): fixed configurations and auto at injected rates."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     big, small = (SMOKE_BIG, SMOKE_TINY) if args.smoke else (LLAMA2_7B, LLAMA_68M)
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    ctx, new, budget = args.context, args.new, (64 if args.smoke else 4096)
-    model = build_model(big, None, device, dtype, context_length=ctx + new + 128).eval()
+    ctx, new = (args.offload_context, args.offload_new) if offloaded else (args.context, args.new)
+    budget = 64 if args.smoke else 4096
+    rates, fixed = ((0.9,), FIXED_OFFLOADED) if offloaded else (RATES, FIXED)
+    capacity = ctx + new + 96
+    if offloaded and not args.smoke:  # what the planner keeps on an emulated card; the run must fit it
+        plan = plan_memory(big, capacity, budget, max(auto.GAMMAS), small, 2, int(args.offload_gib * GiB),
+                           host_available_bytes(), "true", new_tokens=new + 2 * max(auto.GAMMAS),
+                           draft_cache_tokens=16 + 496 + 48 + 512, draft_gamma=max(auto.DRAFT_GAMMAS))
+        budget = plan.budget
+        out["offload_plan"] = plan.describe()
+        print(plan.describe(), flush=True)
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.offload_gib * GiB / torch.cuda.mem_get_info()[1]))
+    model = build_model(big, None, device, dtype, context_length=capacity + 32).eval()
     tiny = build_model(small, None, device, dtype, seed=1).eval()
-    full = FullCache(model, ctx + new + 96)
+    if offloaded:
+        full = (OffloadedFullCache(model, capacity, 1, 64) if args.smoke
+                else OffloadedFullCache(model, capacity, plan.resident_layers, plan.transfer_chunk))
+    else:
+        full = FullCache(model, capacity)
     ret = RetrievalCache(full, model, budget, 8)
     sinks, window = (4, 60) if args.smoke else (16, 496)
     stream = StreamingCache(tiny, sinks, window, slack=48, max_forward=512)
     target, middle, draft = Tier("target", model, full), Tier("retrieval", model, ret), Tier("tiny", tiny, stream)
     settings = auto.AutoSettings(tuple(auto.ROLES), auto.GAMMAS, auto.DRAFT_GAMMAS, (budget,))
     if device.type == "cuda":
-        target.graphed = GraphedModel(model, full, auto.graph_sizes(settings, "target"))
+        if not offloaded:  # an offloaded target's steps depend on host-side lengths: no graphs
+            target.graphed = GraphedModel(model, full, auto.graph_sizes(settings, "target"))
         middle.graphed = GraphedModel(model, ret, auto.graph_sizes(settings, "middle"))
         draft.graphed = GraphedModel(tiny, stream, auto.graph_sizes(settings, "draft"))
     prompt = torch.randint(0, big.vocab_size, (ctx,))
-    full.k[:, :, :ctx].normal_()  # stand-in prefill: random KV (step costs depend on sizes, not values)
-    full.v[:, :, :ctx].normal_()
+    # stand-in prefill: random KV (step costs depend on sizes, not values)
+    if offloaded and device.type == "cuda":
+        fill_offloaded(full, ctx)  # a random device block copied into every host layer: no CPU RNG over 30 GB
+    elif offloaded:
+        for t in (full.dev_k, full.dev_v):
+            t[:, :, :ctx].normal_()
+        for t in (full.host_k, full.host_v):
+            t[:, :ctx].normal_()
+    else:
+        full.k[:, :, :ctx].normal_()
+        full.v[:, :, :ctx].normal_()
     costs = auto.CostModel(Path(args.cost_table)) if args.cost_table else auto.CostModel()
     by_role = {"target": target, "middle": middle, "draft": draft}
 
@@ -90,6 +127,8 @@ def part1(args, out: dict) -> None:
             sync(device)
             t0 = time.perf_counter()
             full.length = ctx - 1
+            if offloaded:
+                full.high, full.tail_start = ctx - 1, None
             ret.reset()
             ret.adopt_prefix(ctx - 1)
             stand_in_tiny()
@@ -98,12 +137,13 @@ def part1(args, out: dict) -> None:
         return prefill
 
     rows = []
-    for rate in RATES:
+    for rate in rates:
         inject = {("target", "retrieval"): rate, ("retrieval", "tiny"): TINY_RATE, ("target", "tiny"): TINY_DIRECT_RATE}
 
         def run(label, make):
             times = []
-            for n in (min(32, new), new):  # the first captures graphs (and measures costs for auto)
+            # the first captures graphs (and measures costs for auto); offloaded AR: ~1 s a token, 16 are enough
+            for n in ((4, 16) if offloaded and label == "autoregressive" else (min(32, new), new)):
                 eng, chooser = make()
                 eng._prefill = fake_prefill(eng)
                 sync(device)
@@ -113,7 +153,7 @@ def part1(args, out: dict) -> None:
                 sec = time.perf_counter() - t0 - eng.prefill_seconds - (chooser.measure_seconds if chooser else 0.0)
                 times.append((got, sec, eng, chooser))
             got, sec, eng, chooser = times[-1]
-            row = {"rate": rate, "config": label, "tokens": got, "ms_per_token": 1e3 * sec / got,
+            row = {"rate": rate, "config": label, "tokens": got, "ms_per_token": 1e3 * sec / got, "context": ctx,
                    "tiers": {k: {m: v[m] for m in ("acceptance_rate", "mean_accepted_length", "forwards")}
                              for k, v in eng.stats(got).items()}}
             if chooser is not None:
@@ -126,7 +166,7 @@ def part1(args, out: dict) -> None:
             return row
 
         with torch.inference_mode():
-            for pipeline, gammas in FIXED:
+            for pipeline, gammas in fixed:
                 tiers = [by_role[r] for r in auto.ROLES[pipeline]]
 
                 def make(tiers=tiers, gammas=gammas):
@@ -142,8 +182,8 @@ def part1(args, out: dict) -> None:
                 return SpeculativeEngine([target, middle, draft], 0.6, 0.9, injected_acceptance=inject,
                                          chooser=chooser), chooser
             run("auto", make_auto)
-    out["injected"] = rows
-    del model, tiny, full
+    out["offloaded" if offloaded else "injected"] = rows
+    del model, tiny, full, ret
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -229,6 +269,9 @@ def summarize(out: dict) -> dict:
     if out.get("injected"):
         scen += [{"part": "7B injected", **s} for s in scenario_ratios(out["injected"], ("rate",),
                                                                         lambda r: 1.0 / r["ms_per_token"])]
+    if out.get("offloaded"):
+        scen += [{"part": f"7B injected, offloaded at {out['settings'].get('offload_gib', 24)} GB", **s}
+                 for s in scenario_ratios(out["offloaded"], ("rate",), lambda r: 1.0 / r["ms_per_token"])]
     if out.get("real"):
         scen += [{"part": out.get("real_model", "real"), **s}
                  for s in scenario_ratios(out["real"], ("context", "temperature"), lambda r: r["tokens_per_second"])]
@@ -246,6 +289,9 @@ def main() -> None:
     ap.add_argument("--part", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--context", type=int, default=65536, help="part 1 context (7B shape)")
     ap.add_argument("--new", type=int, default=256, help="part 1 tokens per timed run")
+    ap.add_argument("--offload-context", type=int, default=122880, help="part 3 context (7B shape, offloaded)")
+    ap.add_argument("--offload-new", type=int, default=128, help="part 3 tokens per timed run")
+    ap.add_argument("--offload-gib", type=float, default=24.0, help="part 3: the GPU memory emulated")
     ap.add_argument("--smoke", action="store_true", help="CPU-sized run that checks the script end to end")
     ap.add_argument("--cost-table", default=None, help="step-cost JSON (default: cache_dir()/step_costs.json)")
     ap.add_argument("--real-json", type=Path, default=None,
@@ -267,20 +313,25 @@ def main() -> None:
         raise SystemExit(f"unknown arguments {bad}: Hydra overrides look like key=value or +model=NAME")
     if args.smoke:
         args.context, args.new = min(args.context, 512), min(args.new, 24)
+        args.offload_context, args.offload_new = min(args.offload_context, 300), min(args.offload_new, 24)
     elif not torch.cuda.is_available():
         raise SystemExit("bench_auto.py measures GPU speed; on a CPU run it with --smoke")
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     tag = "smoke" if args.smoke else ("h200" if "H200" in name else "h100" if "H100" in name else name.split()[-1].lower())
     out = {"device": name, "torch": torch.__version__, "python": platform.python_version(), "smoke": args.smoke,
            "settings": {"context": args.context, "new_tokens": args.new, "rates": RATES, "tiny_rate": TINY_RATE,
+                        "offload_context": args.offload_context, "offload_new_tokens": args.offload_new,
+                        "offload_gib": args.offload_gib,
                         "tiny_direct_rate": TINY_DIRECT_RATE, "overrides": overrides,
                         "injected_acceptance": "benchmark-only switch (part 1): accept/reject decisions drawn at the "
                                                "given rate per (verifier, drafter) pair; part 2 is real"}}
     torch.manual_seed(0)
     if 1 in args.part:
-        part1(args, out)
+        injected(args, out)
     if 2 in args.part:
         part2(args, overrides, out)
+    if 3 in args.part:  # last: it caps this process's GPU memory
+        injected(args, out, offloaded=True)
     real = args.real_json or ROOT / f"results/real_{tag}.json"
     if real.is_file() and (args.real_json or '"triforce/auto"' in real.read_text()):
         out["real_pair_model"], out["real_pair"] = real_pair_rows(real)

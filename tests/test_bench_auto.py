@@ -21,3 +21,15 @@ def test_real_pair_scenarios(tmp_path):
     # means over the tasks: AR 2.0, draft 2.0 (the best fixed; a tie with AR), auto 4.0 ms/token
     assert s["auto_worst_vs_ar"] == 0.5 and s["auto_worst_vs_best_fixed"] == 0.5
     assert s["scenarios"][0]["part"] == "pair (bench_real)"
+
+
+def test_smoke_runs_the_offloaded_scenario(tmp_path):
+    """`--part 3` (offloaded target, injected acceptance) end to end on CPU shapes: every fixed row,
+    auto's row, and the scenario in the summary."""
+    out = tmp_path / "auto.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_auto.py"), "--smoke", "--part", "3", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert {row["config"] for row in res["offloaded"]} >= {"autoregressive", "auto", "triforce g=24/6"}
+    assert res["summary"]["scenarios"][0]["part"].startswith("7B injected, offloaded")

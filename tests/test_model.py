@@ -100,6 +100,25 @@ def test_gguf_reader_matches_gguf_package():
     assert set(tensors) == {t.name for t in ref.tensors}
 
 
+def fused_test_model(seed: int, gen: torch.Generator):
+    """(model, device): a small GQA model with q/k/v biases and random norm weights (the random init
+    has 0 and 1), on the GPU if there is one; skips without Triton (CUDA or TRITON_INTERPRET=1)."""
+    from triforce.kernels import _common
+
+    if not _common.HAS_TRITON or not (torch.cuda.is_available() or _common.INTERPRET):
+        pytest.skip("needs triton (CUDA or TRITON_INTERPRET=1)")
+    args = ModelArgs(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
+                     max_position_embeddings=256, tie_word_embeddings=True, attention_bias=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(args, None, dev, torch.float32, seed=seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen) if "norm" in name
+                        else 0.1 * torch.randn(p.shape, generator=gen))
+    return model, dev
+
+
 @torch.inference_mode()
 def test_graph_mode_decode_rotates_and_writes_in_the_projection(monkeypatch):
     """A graph-mode decode step with the fused projections runs q/k/v, RoPE and the KV write as one
@@ -107,19 +126,10 @@ def test_graph_mode_decode_rotates_and_writes_in_the_projection(monkeypatch):
     and values equal the unfused step's (projection, then the cache's rope_write)."""
     from triforce.cache import RetrievalCache, StreamingCache
     from triforce.graphs import GraphedModel
-    from triforce.kernels import _common
     from triforce.models import llama
 
-    if not _common.HAS_TRITON or not (torch.cuda.is_available() or _common.INTERPRET):
-        pytest.skip("needs triton (CUDA or TRITON_INTERPRET=1)")
-    args = ModelArgs(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
-                     max_position_embeddings=256, tie_word_embeddings=True, attention_bias=True)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(args, None, dev, torch.float32, seed=5)
     gen = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if name.endswith("bias"):
-            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    model, dev = fused_test_model(5, gen)
     ids = torch.randint(0, 97, (1, 44), generator=gen).to(dev)
     calls = []
     real = llama.fused_gemv.add_norm_gemv_rope_triton
@@ -147,7 +157,7 @@ def test_graph_mode_decode_rotates_and_writes_in_the_projection(monkeypatch):
         want = run(kind, False)
         assert not calls
         got = run(kind, True)
-        assert len(calls) == 7 * args.n_layers, kind  # every layer of every graph-mode decode step
+        assert len(calls) == 7 * model.args.n_layers, kind  # every layer of every graph-mode decode step
         for g, w in zip(got[0] + list(got[1:]), want[0] + list(want[1:])):
             torch.testing.assert_close(g, w, **tol)
     model.fused_projections = True
@@ -157,19 +167,10 @@ def test_graph_mode_decode_rotates_and_writes_in_the_projection(monkeypatch):
 def test_fused_projections_match_unfused(monkeypatch):
     """The fused-projection path (add + RMSNorm and SwiGLU inside the GEMVs; Triton, on CPU interpreted,
     float32 either way) gives the unfused model's logits for decode and verify steps, prefill unfused."""
-    from triforce.kernels import _common
     from triforce.models import llama
 
-    if not _common.HAS_TRITON or not (torch.cuda.is_available() or _common.INTERPRET):
-        pytest.skip("needs triton (CUDA or TRITON_INTERPRET=1)")
-    args = ModelArgs(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=96,
-                     max_position_embeddings=256, tie_word_embeddings=True, attention_bias=True)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(args, None, dev, torch.float32, seed=3)
     gen = torch.Generator().manual_seed(0)
-    for name, p in model.named_parameters():  # random biases and norm weights (the random init has 0 and 1)
-        if name.endswith("bias") or name.endswith("norm.weight"):
-            p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen) if "norm" in name else 0.1 * torch.randn(p.shape, generator=gen))
+    model, dev = fused_test_model(3, gen)
     tol = 1e-4 if dev == "cpu" else 2e-2  # on the GPU float32 tl.dot (several rows) rounds through TF32
     calls = []
     for fn in ("add_norm_gemv_triton", "swiglu_gemv_triton"):

@@ -48,6 +48,7 @@ MODELS = {  # GQA with q/k/v biases; tied embeddings
                       tie_word_embeddings=True, max_position_embeddings=256),
 }
 TOL = 1e-5
+BATCH = [PROMPT, "A shorter second prompt, about the stairs.", PROMPT[::-1]]
 
 
 def logits(model) -> torch.Tensor:
@@ -76,6 +77,8 @@ def _worker(rank: int, port: int, out: str, device: str) -> None:
             continue
         gen = triforce.load(*TINY, *common, "tp=2", *extra)  # the first one initialises the process group
         res[name] = gen.generate(PROMPT).token_ids
+        if name == "sampled":  # several prompts: the ranks decode one batch in lockstep
+            res["batch"] = [r.token_ids for r in gen.generate(BATCH, seed=3)]
     if device == "cpu":
         group = dist.group.WORLD
         for name, args in MODELS.items():
@@ -114,8 +117,11 @@ def ranks(tmp_path_factory):
 
 
 def single_process(device: str = "cpu") -> dict:
-    return {name: triforce.load(*TINY, f"device={device}", "dtype=float32", *extra).generate(PROMPT).token_ids
+    gens = {name: triforce.load(*TINY, f"device={device}", "dtype=float32", *extra)
             for name, extra in VARIANTS.items() if not (device == "cuda" and name == "offloaded")}
+    out = {name: gen.generate(PROMPT).token_ids for name, gen in gens.items()}
+    out["batch"] = [r.token_ids for r in gens["sampled"].generate(BATCH, seed=3)]
+    return out
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -130,7 +136,7 @@ def test_sharded_logits_match_single_process(ranks, name):
 
 def test_two_ranks_generate_the_single_process_tokens(ranks):
     want = single_process()
-    for name in VARIANTS:
+    for name in [*VARIANTS, "batch"]:
         assert ranks[0][name] == ranks[1][name], f"{name}: ranks disagree"
         assert ranks[0][name] == want[name], f"{name}: tp=2 differs from the single process"
     assert want["triforce"] == want["autoregressive"] and len(want["triforce"]) == 24

@@ -476,8 +476,8 @@ class Generator:
 
         Rows with the same temperature and top_p are decoded together, `batch_size` at a time (auto: as
         many as fit the GPU), sharing every tier's forwards (under pipeline=auto one choice serves the
-        whole batch; offload=true offloads every row's KV); under tensor parallelism they run one
-        after another.
+        whole batch; offload=true offloads every row's KV; under tensor parallelism every rank must be
+        given the same rows).
         """
         rows = normalize_rows(prompts)
         cfg = self.cfg
@@ -530,9 +530,8 @@ class Generator:
     def _batches(self, jobs: list[tuple]) -> list[list[int]]:
         """Row indices grouped into the batches that run: same sampling settings, at most batch_size
         rows, longest rows first (the first batch then plans the largest caches)."""
-        batchable = self.tp == 1
         order = sorted(range(len(jobs)), key=lambda i: -(len(jobs[i][0]) + jobs[i][1]))
-        if not batchable or len(jobs) == 1 or str(self.cfg.get("batch_size", "auto")) == "1":
+        if len(jobs) == 1 or str(self.cfg.get("batch_size", "auto")) == "1":
             if self.device.type == "cuda":  # the longest row must fit before any row runs (the error says what it needs)
                 i = order[0]
                 try:
@@ -560,6 +559,8 @@ class Generator:
         tiers = self._ready_tiers(max(len(ids) + n for ids, n, *_ in jobs) + self.auto.depth,
                                   max(n for _, n, *_ in jobs), min(len(ids) for ids, *_ in jobs), batch)
         _, _, temperature, top_p, _ = jobs[0]
+        tpar.check_same({"rows": hashlib.sha256(str(jobs).encode()).hexdigest()[:16], "batch": batch},
+                        self.group, "generate()'s batch")
         chooser = (auto.make_chooser(self, tiers, min(len(ids) for ids, *_ in jobs), max(n for _, n, *_ in jobs),
                                      context=max(len(ids) for ids, *_ in jobs)) if self.auto.adaptive else None)
         engine = SpeculativeEngine(tiers, temperature, top_p, cfg.prefill_chunk, gpu_timing=True, group=self.group,

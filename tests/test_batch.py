@@ -69,6 +69,30 @@ def test_batch_rows_equal_single_runs(models, pipeline, temperature, graphs):
         assert 0 < st.accepted < st.proposed and sum(st.row_proposed) == st.proposed
 
 
+@pytest.mark.parametrize("pipeline,temperature,graphs", [
+    ("autoregressive", 0.0, False), ("autoregressive", 1.0, False), ("triforce", 0.0, False), ("triforce", 1.0, False),
+    ("triforce", 1.0, True)])
+def test_waiting_prompts_take_finished_rows(models, pipeline, temperature, graphs):
+    """Five prompts over two rows: each later prompt takes the row of one that finished (its caches
+    reset and brought up, its stream seeded afresh), and every prompt equals its single run."""
+    target, tiny = models
+    ps = prompts((150, 7, 1, 96, 40), seed=3)
+    maxes = [5, 30, 12, 9, 20]
+    seeds = [10 + i for i in range(len(ps))]
+    eng = SpeculativeEngine(tiers(target, tiny, pipeline, 2, graphs=graphs), temperature, 1.0, prefill_chunk=64)
+    got = eng.generate_batch(ps, maxes, seeds=seeds, rows=2)
+    assert [len(r) for r in got] == maxes and eng.refill_seconds > 0
+    assert sorted(eng.admit_seconds)[:2] == [0.0, 0.0] and all(a > 0 for a in sorted(eng.admit_seconds)[2:])
+    if pipeline != "autoregressive":
+        st = eng.tiers[0].stats
+        assert len(st.row_proposed) == len(ps) and sum(st.row_proposed) == st.proposed
+    if temperature > 0 and CAPTURE:
+        return  # a sampled row may part from its single run at a near-tie on the GPU
+    for i, p in enumerate(ps):
+        one = SpeculativeEngine(tiers(target, tiny, pipeline, 1), temperature, 1.0, prefill_chunk=64)
+        assert got[i] == one.generate(p, maxes[i], seed=seeds[i]), f"prompt {i} differs from its single run"
+
+
 def test_eos_inside_a_draft_stops_only_that_row(models):
     target, tiny = models
     ps = prompts((40, 60, 25), seed=7)
@@ -90,6 +114,8 @@ def test_bad_batches_are_refused(models):
         eng.generate_batch([], 4)
     with pytest.raises(ValueError, match="caches for 2 rows, the batch has 3"):
         eng.generate_batch(prompts((5, 6, 7)), 4)
+    with pytest.raises(ValueError, match=r"rows must be in 1..3"):
+        eng.generate_batch(prompts((5, 6, 7)), 4, rows=4)
     with pytest.raises(ValueError, match="3 prompts need 3"):
         SpeculativeEngine(tiers(target, tiny, "retrieval", 3), 0.0, 1.0).generate_batch(prompts((5, 6, 7)), [4, 4])
 

@@ -32,6 +32,19 @@ def test_rows_equal_single_prompt_runs(gen, temperature):
     assert s["prompts"] == 3 and s["generated_tokens"] == 24 and set(s["mean_acceptance"]) <= {"target", "retrieval"}
 
 
+def test_more_prompts_than_rows_reuse_finished_rows():
+    """batch_size=2 with four prompts of different limits: one batch of two rows, each later prompt
+    taking the row of one that finished; every prompt equals its single call."""
+    gen = triforce.load(*TINY, "batch_size=2")
+    rows = [{"prompt": p, "max_new_tokens": n} for p, n in zip(PROMPTS + ["fourth prompt, a little longer"], (3, 9, 5, 7))]
+    got = gen.generate(rows, temperature=0.8, seed=2)
+    for i, (row, r) in enumerate(zip(rows, got)):
+        assert r.token_ids == gen.generate(row["prompt"], max_new_tokens=row["max_new_tokens"], temperature=0.8,
+                                           seed=2 + i).token_ids, f"prompt {i}"
+        assert r.stats["batch"]["rows"] == 2 and r.stats["batch"]["prompts"] == 4
+    assert got[0].stats["batch"]["refill_seconds"] > 0
+
+
 def test_row_settings_and_token_id_rows(gen):
     ids = gen.encode("token ids as a row", chat=False)
     rows = gen.generate([{"prompt": PROMPTS[0], "max_new_tokens": 3, "seed": 11}, ids], temperature=0.8, seed=0)

@@ -508,7 +508,7 @@ class Chooser:
         if self.segments:
             seg = self.segments[-1]
             now = time.perf_counter()
-            seg.tokens += sum(engine.lens) - self._seg_start[0]
+            seg.tokens += engine.emitted - self._seg_start[0]
             seg.seconds += now - self._seg_start[1]
 
     def _switch(self, engine, config: Config, rate: float) -> None:
@@ -519,14 +519,14 @@ class Chooser:
         self.config = config
         engine.use([self.tier(r) for r in ROLES[config.pipeline]], list(config.gammas))
         self.segments.append(Segment(config.label, predicted_tokens_per_second=self.tps(rate)))
-        self._seg_start = (sum(engine.lens), time.perf_counter())
+        self._seg_start = (engine.emitted, time.perf_counter())
         self.rounds_since = 1
 
     # ---------------------------------------------------------------- report
     def report(self, engine, generated: int, decode_seconds: float) -> dict:
         """What was chosen and why: configurations with token counts, costs, acceptance, predictions."""
         self._close_segment(engine)
-        self._seg_start = (sum(engine.lens), time.perf_counter())
+        self._seg_start = (engine.emitted, time.perf_counter())
         configs: dict[str, dict] = {}
         for s in self.segments:
             c = configs.setdefault(s.config, {"tokens": 0, "rounds": 0, "seconds": 0.0, "segments": 0,

@@ -19,7 +19,10 @@ keys are rewritten at the same positions). Verification accepts a different coun
 level asked for n tokens runs rounds until every row has n and keeps exactly n per row: cutting
 a row's run of verified tokens at a point decided by the past only (here, the other rows'
 progress) leaves it distributed as the verifier's, as the overshoot cut of a single row does.
-Finished rows stay in the batch (their work is masked) until every row is done.
+Finished rows stay in the batch (their work is masked) until every row is done, or, when more
+prompts wait than the batch has rows, a waiting prompt takes the finished row's place between two
+target rounds: its caches are reset and brought up to its prompt, its stream seeded afresh, and
+from then on it is a row like the others (continuous batching).
 """
 from __future__ import annotations
 
@@ -144,6 +147,7 @@ class SpeculativeEngine:
         for b, prompt in enumerate(prompts):
             self.seqs[b, :prompt.numel()] = prompt.to(self.device)
         self.lens = [p.numel() for p in prompts]
+        self.jobs = list(range(self.batch))  # which prompt each row decodes (rows are reused)
         # a batch's lengths live on the device too, so its token windows and appends need no copy from the host
         self.lens_t = torch.tensor(self.lens, device=self.device) if self.batch > 1 else None
         self.streams = RowStreams(seeds, self.device)
@@ -294,9 +298,9 @@ class SpeculativeEngine:
                         st.rejections += int(a < g)
                         st.rounds += 1  # one verification per row
                         st.accepts.append(a)
-                        if batch > 1:
-                            st.row_proposed[b] += g
-                            st.row_accepted[b] += a
+                        if st.row_proposed:
+                            st.row_proposed[self.jobs[b]] += g
+                            st.row_accepted[self.jobs[b]] += a
                 lens = [s + a for s, a in zip(start, n_acc)]
                 self._set_lens(lens, start_t + n_t if batch > 1 else None)
                 self._invalidate(level, lens)
@@ -371,42 +375,74 @@ class SpeculativeEngine:
     @torch.inference_mode()
     def generate_batch(self, prompts: list[torch.Tensor], max_new_tokens: int | list[int],
                        stop_ids: set[int] | None = None, seeds: list[int] | None = None, callback=None,
-                       progress: bool = False, token_progress: bool | None = None) -> list[list[int]]:
+                       progress: bool = False, token_progress: bool | None = None,
+                       rows: int | None = None) -> list[list[int]]:
         """Generate after each of `prompts` (1-D ids) in one batch: every tier's forward serves all rows.
 
-        Each tier's cache must hold one row per prompt (`Rows`, or a plain cache for one prompt).
-        Row b stops after a token in stop_ids or max_new_tokens[b] tokens, is seeded with seeds[b]
-        (default b) and is distributed exactly as a single run of its prompt; a finished row stays
-        in the batch, rolled back each round, until all are done. `callback(b, new_ids)` streams.
+        Each tier's cache holds `rows` rows (default: one per prompt; `Rows`, or a plain cache for
+        one). Prompt i stops after a token in stop_ids or max_new_tokens[i] tokens, is seeded with
+        seeds[i] (default i) and is distributed exactly as a single run of it. With fewer rows than
+        prompts the first `rows` prompts start and each later one takes the row of one that
+        finished; otherwise a finished row stays in the batch, rolled back each round, until all are
+        done. `callback(i, new_ids)` streams prompt i's tokens.
         """
         stop_ids = stop_ids or set()
-        batch = len(prompts)
-        if batch < 1:
+        n_jobs = len(prompts)
+        if n_jobs < 1:
             raise ValueError("generate_batch needs at least one prompt")
-        maxes = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
-        seeds = list(range(batch)) if seeds is None else list(seeds)
-        if len(maxes) != batch or len(seeds) != batch:
-            raise ValueError(f"{batch} prompts need {batch} max_new_tokens and seeds")
+        batch = n_jobs if rows is None else rows
+        if not 1 <= batch <= n_jobs:
+            raise ValueError(f"rows must be in 1..{n_jobs} (the prompts), got {rows}")
+        maxes = [max_new_tokens] * n_jobs if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        seeds = list(range(n_jobs)) if seeds is None else list(seeds)
+        if len(maxes) != n_jobs or len(seeds) != n_jobs:
+            raise ValueError(f"{n_jobs} prompts need {n_jobs} max_new_tokens and seeds")
         chooser = self.chooser
-        for t in (chooser.tiers if chooser is not None else self.tiers):
+        every_tier = chooser.tiers if chooser is not None else self.tiers
+        for t in every_tier:
             if len(t.cache.rows) != batch:
                 raise ValueError(f"tier {t.name!r} has caches for {len(t.cache.rows)} rows, the batch has {batch}")
         depth = chooser.max_depth if chooser is not None else sum(t.gamma for t in self.tiers[:-1]) + 2
-        self._start(prompts, max(p.numel() + m for p, m in zip(prompts, maxes)) + depth, seeds)
-        for t in (chooser.tiers if chooser is not None else self.tiers):
+        self._start(prompts[:batch], max(p.numel() + m for p, m in zip(prompts, maxes)) + depth, seeds[:batch])
+        for t in every_tier:
             t.cache.reset()
-            t.stats = TierStats(row_proposed=[0] * batch, row_accepted=[0] * batch) if batch > 1 else TierStats()
+            t.stats = TierStats(row_proposed=[0] * n_jobs, row_accepted=[0] * n_jobs) if n_jobs > 1 else TierStats()
         if chooser is not None:
             self.tiers = self.tiers[:1]  # the target alone until the chooser has decided
         self.catch_up_seconds, self.catch_up_tokens = 0.0, 0
-        outs: list[list[int]] = [[] for _ in range(batch)]
+        outs: list[list[int]] = [[] for _ in range(n_jobs)]
         done, frozen = [False] * batch, [0] * batch
-        self.finish_seconds = [None] * batch  # when each row finished, from the end of the prefill
+        waiting = list(range(batch, n_jobs))[::-1]  # prompts not yet given a row (popped from the end)
+        # seconds from the end of the prefill: when each prompt got its row (and its prefill) and finished
+        self.admit_seconds, self.finish_seconds = [0.0] * n_jobs, [None] * n_jobs
+        self.refill_seconds = 0.0  # prefills of prompts that took a finished row's place
+        self.emitted = 0  # tokens handed to the prompts' outputs so far
         token_progress = progress if token_progress is None else token_progress
         bar = tqdm(total=sum(maxes), desc="generate", unit="tok", disable=not token_progress, leave=False)
         if batch > 1:
             self._done_t = torch.zeros(batch, dtype=torch.bool, device=self.device)
             self._frozen_t = torch.zeros(batch, dtype=torch.long, device=self.device)
+
+        def admit(b: int, j: int) -> None:
+            """Prompt j takes row b: its tokens, length, stream and freshly brought-up caches."""
+            t0 = time.perf_counter()
+            p = prompts[j]
+            self.seqs[b, :p.numel()] = p.to(self.device)
+            self.lens[b] = p.numel()
+            if batch > 1:
+                self.lens_t[b] = p.numel()
+                self._done_t[b] = False
+            self.streams.reseed(b, seeds[j])
+            self.jobs[b], self.live[b], done[b] = j, True, False
+            for t in every_tier:
+                t.cache.rows[b].reset()
+            # every row of every tier in use up to its last token (row b: its prompt's prefill; the
+            # others a few tokens of catch-up), as at the start: a forward feeds every row the most
+            # tokens any row lacks, which a short new prompt must have; tiers switched in later catch up then
+            for t in self.tiers:
+                self._bring_up(t)
+            self.refill_seconds += time.perf_counter() - t0
+            self.admit_seconds[j] = time.perf_counter() - self._decode_start
 
         def on_tokens(starts: list[int]) -> None:
             if batch == 1:
@@ -419,20 +455,25 @@ class SpeculativeEngine:
             for b in range(batch):
                 if done[b]:
                     continue
-                first = len(outs[b])
+                j = self.jobs[b]
+                first = len(outs[j])
                 for i, tok in enumerate(new[b]):
-                    outs[b].append(tok)
-                    if tok in stop_ids or len(outs[b]) >= maxes[b]:
+                    outs[j].append(tok)
+                    if tok in stop_ids or len(outs[j]) >= maxes[j]:
                         done[b], frozen[b] = True, starts[b] + i + 1
                         self.live[b] = False
                         if batch > 1:  # once per row: the rounds that follow hold it there on the device
                             self._done_t[b], self._frozen_t[b] = True, frozen[b]
-                        self.finish_seconds[b] = time.perf_counter() - self._decode_start
+                        self.finish_seconds[j] = time.perf_counter() - self._decode_start
                         break
-                moved += len(outs[b]) - first
-                if callback and len(outs[b]) > first:
-                    callback(b, outs[b][first:])
+                moved += len(outs[j]) - first
+                if callback and len(outs[j]) > first:
+                    callback(j, outs[j][first:])
             bar.update(moved)
+            self.emitted += moved
+            for b in range(batch):
+                if done[b] and waiting:
+                    admit(b, waiting.pop())
             if not all(done):
                 self._hold(done, frozen)
 

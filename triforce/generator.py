@@ -495,12 +495,12 @@ class Generator:
         batches = self._batches(jobs)
         bar = tqdm(total=len(jobs), desc="prompts", unit="prompt", disable=not progress, leave=False)
         out: list[GenerationResult | None] = [None] * len(jobs)
-        for group in batches:
+        for group, size in batches:
             if len(group) == 1:
                 ids, n, t, p, s = jobs[group[0]]
                 out[group[0]] = self.generate(ids, n, t, p, s)
             else:
-                for i, r in zip(group, self._generate_batch([jobs[i] for i in group], progress)):
+                for i, r in zip(group, self._generate_batch([jobs[i] for i in group], size, progress)):
                     out[i] = r
             bar.update(len(group))
         bar.close()
@@ -527,9 +527,10 @@ class Generator:
             self.plan_memory(capacity, new_tokens, 1)  # raises with the size needed
         return max(1, fit)
 
-    def _batches(self, jobs: list[tuple]) -> list[list[int]]:
-        """Row indices grouped into the batches that run: same sampling settings, at most batch_size
-        rows, longest rows first (the first batch then plans the largest caches)."""
+    def _batches(self, jobs: list[tuple]) -> list[tuple[list[int], int]]:
+        """(prompt indices, rows) of the batches that run: prompts with the same sampling settings,
+        longest first, decoded `rows` at a time (batch_size, or what fits), each later prompt taking
+        the row of one that finished (caches sized for the longest)."""
         order = sorted(range(len(jobs)), key=lambda i: -(len(jobs[i][0]) + jobs[i][1]))
         if len(jobs) == 1 or str(self.cfg.get("batch_size", "auto")) == "1":
             if self.device.type == "cuda":  # the longest row must fit before any row runs (the error says what it needs)
@@ -538,7 +539,7 @@ class Generator:
                     self.plan_memory(len(jobs[i][0]) + jobs[i][1] + self.auto.depth, jobs[i][1])
                 except ValueError as e:
                     raise ValueError(f"prompt {i} (the longest): {e}") from None
-            return [[i] for i in range(len(jobs))]
+            return [([i], 1) for i in range(len(jobs))]
         groups: dict[tuple, list[int]] = {}
         for i in order:
             groups.setdefault((jobs[i][2], jobs[i][3]), []).append(i)
@@ -549,13 +550,13 @@ class Generator:
                 size = self.batch_size(len(jobs[i][0]) + jobs[i][1] + self.auto.depth, jobs[i][1], len(rows))
             except ValueError as e:
                 raise ValueError(f"prompt {i} (the longest): {e}") from None
-            out += [rows[a:a + size] for a in range(0, len(rows), size)]
+            out.append((rows, size))
         return out
 
-    def _generate_batch(self, jobs: list[tuple], progress: bool = False) -> list[GenerationResult]:
-        """Decode `jobs` (ids, max_new_tokens, temperature, top_p, seed; one temperature and top_p) as one batch."""
+    def _generate_batch(self, jobs: list[tuple], batch: int, progress: bool = False) -> list[GenerationResult]:
+        """Decode `jobs` (ids, max_new_tokens, temperature, top_p, seed; one temperature and top_p) in
+        `batch` rows: the first `batch` jobs start, each later one takes a finished job's row."""
         cfg = self.cfg
-        batch = len(jobs)
         tiers = self._ready_tiers(max(len(ids) + n for ids, n, *_ in jobs) + self.auto.depth,
                                   max(n for _, n, *_ in jobs), min(len(ids) for ids, *_ in jobs), batch)
         _, _, temperature, top_p, _ = jobs[0]
@@ -567,18 +568,20 @@ class Generator:
                                    chooser=chooser)
         t0 = time.perf_counter()
         outs = engine.generate_batch([torch.tensor(ids) for ids, *_ in jobs], [n for _, n, *_ in jobs], self.stop_ids,
-                                     [s for *_, s in jobs], progress=progress and self.rank == 0)
+                                     [s for *_, s in jobs], progress=progress and self.rank == 0, rows=batch)
         seconds = time.perf_counter() - t0
         total = sum(len(o) for o in outs)
         shared = self._stats(engine, sum(len(ids) for ids, *_ in jobs), total, seconds)
         results = []
         for b, ((ids, *_), tokens) in enumerate(zip(jobs, outs)):
             stats = dict(shared)
-            done = engine.finish_seconds[b] or shared["decode_seconds"]
+            # from the prompt getting its row (after its prefill) to its last token
+            done = (engine.finish_seconds[b] or shared["decode_seconds"]) - engine.admit_seconds[b]
             stats.update(prompt_tokens=len(ids), generated_tokens=len(tokens), decode_seconds=done,
                          tokens_per_second=len(tokens) / done if done > 0 else None,
-                         batch={"rows": batch, "row": b, "generated_tokens": total,
-                                "tokens_per_second": shared["tokens_per_second"], "prompt_tokens": shared["prompt_tokens"]})
+                         batch={"rows": batch, "prompts": len(jobs), "row": b, "generated_tokens": total,
+                                "tokens_per_second": shared["tokens_per_second"], "prompt_tokens": shared["prompt_tokens"],
+                                "refill_seconds": engine.refill_seconds})
             stats["tiers"] = {name: dict(t, acceptance_rate=self._row_rate(engine, name, b))
                               for name, t in shared["tiers"].items()}
             results.append(GenerationResult(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), stats))

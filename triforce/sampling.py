@@ -54,6 +54,11 @@ class RowStreams:
         self.counters = torch.zeros(len(seeds), dtype=torch.int64, device=device)
         self._masks: dict[tuple, torch.Tensor] = {}
 
+    def reseed(self, row: int, seed: int) -> None:
+        """Start row `row`'s stream afresh from `seed` (a new sequence taking a finished row's place)."""
+        self.keys[row] = torch.tensor(seed_key(seed), dtype=torch.int64)
+        self.counters[row] = 0
+
     def uniform(self, n: int, live: list[bool] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Uniforms [B, n]; the streams of rows not `live` do not move (their draws are thrown away)."""
         out = row_uniform(self.keys, self.counters, n, out)

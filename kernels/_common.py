@@ -70,6 +70,16 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
 
+if triton is not None:
+
+    @triton.jit
+    def rotate_half(lo, hi, c_lo, c_hi, s_lo, s_hi):
+        """RoPE of a head's paired halves (rotate-half layout), float32 math: (lo', hi')."""
+        lo = lo.to(tl.float32)
+        hi = hi.to(tl.float32)
+        return lo * c_lo - hi * s_lo, hi * c_hi + lo * s_hi
+
+
 def check_head_dim(d: int) -> None:
     if d < 16 or d & (d - 1):
         raise ValueError(f"the Triton kernels need a power-of-two head_dim >= 16, got {d}")

@@ -24,17 +24,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, pdl_wait, tl, triton, use_pdl
+from ._common import HAS_TRITON, pdl_wait, rotate_half, tl, triton, use_pdl
 from .gemv import MAX_ROWS, dot_config, one_row_config
 
 if triton is not None:
 
     @triton.jit
+    def _one_row_input(X, DELTA, G, RES, k, k_ok, write_res, HAS_DELTA: tl.constexpr):
+        """One row's BLOCK_K slice of the projection input: (x, x * g) in float32, x = X (+ DELTA,
+        rounded to the input dtype as the unfused add rounds it, and stored to RES by `write_res`)."""
+        x = tl.load(X + k, mask=k_ok, other=0.0)
+        if HAS_DELTA:
+            x = (x.to(tl.float32) + tl.load(DELTA + k, mask=k_ok, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
+            if write_res:
+                tl.store(RES + k, x, mask=k_ok)
+        xf = x.to(tl.float32)
+        return xf, xf * tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _add_norm_acc(acc, ss, w, X, DELTA, G, RES, k, k_ok, m, M, sxm, sdm, srm, write_res,
                       HAS_DELTA: tl.constexpr, DOT: tl.constexpr):
         """One BLOCK_K slice: (acc + (x*g) . w, ss + x^2), x = X (+ DELTA, stored to RES by `write_res`)."""
-        g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
         if DOT:
+            g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
             ok = (m[:, None] < M) & k_ok[None, :]
             x = tl.load(X + m[:, None] * sxm + k[None, :], mask=ok, other=0.0)
             if HAS_DELTA:  # the residual add, rounded as the unfused add rounds it
@@ -46,15 +58,9 @@ if triton is not None:
             ss += tl.sum(xf * xf, 1)
             acc += tl.dot((xf * g[None, :]).to(w.dtype), tl.trans(w))
         else:
-            x = tl.load(X + k, mask=k_ok, other=0.0)
-            if HAS_DELTA:
-                d = tl.load(DELTA + k, mask=k_ok, other=0.0)
-                x = (x.to(tl.float32) + d.to(tl.float32)).to(X.dtype.element_ty)
-                if write_res:
-                    tl.store(RES + k, x, mask=k_ok)
-            xf = x.to(tl.float32)
+            xf, xg = _one_row_input(X, DELTA, G, RES, k, k_ok, write_res, HAS_DELTA)
             ss += xf * xf
-            acc += tl.sum(w.to(tl.float32) * (xf * g)[None, :], 1)
+            acc += tl.sum(w.to(tl.float32) * xg[None, :], 1)
         return acc, ss
 
     @triton.jit
@@ -99,16 +105,10 @@ if triton is not None:
     def _add_norm_acc_pair(acc_lo, acc_hi, ss, w_lo, w_hi, X, DELTA, G, RES, k, k_ok, write_res,
                            HAS_DELTA: tl.constexpr):
         """`_add_norm_acc` of one row for two weight tiles (a head's paired dims) sharing one x slice."""
-        g = tl.load(G + k, mask=k_ok, other=0.0).to(tl.float32)
-        x = tl.load(X + k, mask=k_ok, other=0.0)
-        if HAS_DELTA:  # the residual add, rounded as the unfused add rounds it
-            x = (x.to(tl.float32) + tl.load(DELTA + k, mask=k_ok, other=0.0).to(tl.float32)).to(X.dtype.element_ty)
-            if write_res:
-                tl.store(RES + k, x, mask=k_ok)
-        xf = x.to(tl.float32)
+        xf, xg = _one_row_input(X, DELTA, G, RES, k, k_ok, write_res, HAS_DELTA)
         ss += xf * xf
-        acc_lo += tl.sum(w_lo.to(tl.float32) * (xf * g)[None, :], 1)
-        acc_hi += tl.sum(w_hi.to(tl.float32) * (xf * g)[None, :], 1)
+        acc_lo += tl.sum(w_lo.to(tl.float32) * xg[None, :], 1)
+        acc_hi += tl.sum(w_hi.to(tl.float32) * xg[None, :], 1)
         return acc_lo, acc_hi, ss
 
     @triton.jit
@@ -154,8 +154,7 @@ if triton is not None:
             c_hi = tl.load(COS + HALF + d).to(tl.float32)
             s_lo = tl.load(SIN + d).to(tl.float32)
             s_hi = tl.load(SIN + HALF + d).to(tl.float32)
-            r_lo = lo.to(tl.float32) * c_lo - hi.to(tl.float32) * s_lo
-            r_hi = hi.to(tl.float32) * c_hi + lo.to(tl.float32) * s_hi
+            r_lo, r_hi = rotate_half(lo, hi, c_lo, c_hi, s_lo, s_hi)
             if head < H:
                 tl.store(QO + head * sqo_h + d, r_lo.to(QO.dtype.element_ty))
                 tl.store(QO + head * sqo_h + HALF + d, r_hi.to(QO.dtype.element_ty))

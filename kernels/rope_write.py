@@ -13,17 +13,16 @@ import torch
 
 from triforce.models.llama import rope_qk
 
-from ._common import pdl_wait, tl, triton, use_pdl, use_triton
+from ._common import pdl_wait, rotate_half, tl, triton, use_pdl, use_triton
 
 if triton is not None:
 
     @triton.jit
     def _rotate(src, dst, d, c_lo, c_hi, s_lo, s_hi, HALF: tl.constexpr):
         """dst <- src rotated (rotate-half layout), float32 math, one rounding."""
-        lo = tl.load(src + d).to(tl.float32)
-        hi = tl.load(src + HALF + d).to(tl.float32)
-        tl.store(dst + d, (lo * c_lo - hi * s_lo).to(dst.dtype.element_ty))
-        tl.store(dst + HALF + d, (hi * c_hi + lo * s_hi).to(dst.dtype.element_ty))
+        lo, hi = rotate_half(tl.load(src + d), tl.load(src + HALF + d), c_lo, c_hi, s_lo, s_hi)
+        tl.store(dst + d, lo.to(dst.dtype.element_ty))
+        tl.store(dst + HALF + d, hi.to(dst.dtype.element_ty))
 
     @triton.jit
     def _rope_write_kernel(Q, K, V, COS, SIN, QO, SK, SV, IDX, H, T,

@@ -623,10 +623,15 @@ class SelectionCache(KVCache):
         records the selection as the eager step's does. Copies of an earlier selection are
         dropped: eager steps gather the new one through `sel_idx`."""
         self.selecting = True
+        self._plan_selection()
+        self.sel_k = self.sel_v = None
+
+    def _plan_selection(self) -> None:
+        """A selection's host side: the chunk-aligned boundary below which it selects, whether the
+        budget covers it (full view), and the store's tail the draft's steps will read."""
         self.boundary = (min(self.length, self.full.length) // self.chunk) * self.chunk
         self.full_view = self.budget >= self.boundary
         self.full.keep_tail(0 if self.full_view else self.boundary, front=self.budget)
-        self.sel_k = self.sel_v = None
 
     def device_choose(self, q: torch.Tensor, store_k: torch.Tensor, boundaries: list[int]) -> torch.Tensor:
         """Graph mode: positions [B, KVH, budget] below each row's boundary for rotated queries
@@ -650,9 +655,7 @@ class SelectionCache(KVCache):
             return
         self.selecting = self.select_next
         if self.selecting:
-            self.boundary = (min(self.length, self.full.length) // self.chunk) * self.chunk
-            self.full_view = self.budget >= self.boundary
-            self.full.keep_tail(0 if self.full_view else self.boundary, front=self.budget)
+            self._plan_selection()
 
     def advance(self, n_new: int) -> None:
         if self.graph_mode:

@@ -309,16 +309,17 @@ def part_qwen(args, out: dict) -> None:
             print(json.dumps(row), flush=True)
         model.fused_projections = tiny.fused_projections = True
         out["qwen_steps"] = rows
-        ab = []  # the split-K reduce inside the attention launch (default) vs its own kernel, side by side
+        ab = []  # the split-K reduce inside the attention launch vs its own kernel (default), side by side
         for fused_reduce in (True, False):
             set_fused_reduce(fused_reduce)
             row = {"fused_reduce": fused_reduce, "tiny05_step_ms": step_ms(tiny, stream, 1, lambda: stream.truncate(512)),
                    "ar32k_ms": step_ms(model, full, 1, lambda: full.truncate(ctx)),
                    "verify4_32k_ms": step_ms(model, full, 4, lambda: full.truncate(ctx)),
                    "retrieval4k_ms": step_ms(model, ret, 1, lambda: ret.truncate(ctx))}
+            row.update({k: v for k, v in rows[0].items() if k.endswith("floor_ms")})
             ab.append(row)
             print(json.dumps(row), flush=True)
-        set_fused_reduce(True)
+        set_fused_reduce(False)  # the default: measured slower fused (its last split reduces serially)
         out["fused_reduce_ab"] = ab
         del ret, full
         gc.collect()
@@ -587,6 +588,18 @@ def summarize(out: dict) -> dict:
     if on and off:  # A/B in one run: ms with the fused projections / without (below 1: fused is faster)
         s["fused_over_unfused"] = {k.removesuffix("_ms"): on[k] / off[k] for k in on
                                    if k.endswith("_ms") and not k.endswith("floor_ms")}
+    ab = {r["fused_reduce"]: r for r in out.get("fused_reduce_ab") or []}
+    if on and True in ab and False in ab:  # the split-K reduce inside the attention launch / in its own kernel
+        s["fused_reduce_over_separate"] = {k.removesuffix("_ms"): ab[True][k] / ab[False][k] for k in ab[True]
+                                           if k.endswith("_ms") and not k.endswith("floor_ms")}
+        sep = ab[False]  # the default since that A/B
+        floor = sep if "ar32k_floor_ms" in sep else on
+        s["separate_reduce_over_floor"] = {"tiny05_step": sep["tiny05_step_ms"] / floor["tiny05_floor_ms"],
+                                           "ar32k": sep["ar32k_ms"] / floor["ar32k_floor_ms"],
+                                           "retrieval4k": sep["retrieval4k_ms"] / floor["retrieval4k_floor_ms"]}
+        # the targets' figures from the default configuration's latest side-by-side measurement
+        s["tiny05_step_over_floor"] = s["separate_reduce_over_floor"]["tiny05_step"]
+        s["q15_ar_over_floor_32k"] = s["separate_reduce_over_floor"]["ar32k"]
     qe = out.get("qwen_e2e_injected") or []
     if qe:
         best = {}

@@ -157,7 +157,10 @@ def test_graph_mode_decode_rotates_and_writes_in_the_projection(monkeypatch):
         want = run(kind, False)
         assert not calls
         got = run(kind, True)
-        assert len(calls) == 7 * model.args.n_layers, kind  # every layer of every graph-mode decode step
+        # every layer of every graph-mode step runs the fused kernel: 7 eager steps on the CPU; under
+        # CUDA graphs Python runs only at warm-up and capture, replays launch it without a call
+        steps, layers = divmod(len(calls), model.args.n_layers)
+        assert layers == 0 and (steps == 7 if dev == "cpu" else steps >= 1), (kind, len(calls))
         for g, w in zip(got[0] + list(got[1:]), want[0] + list(want[1:])):
             torch.testing.assert_close(g, w, **tol)
     model.fused_projections = True

@@ -69,6 +69,70 @@ def test_expected_tokens_and_interpolation():
     assert auto.interpolate(costs, 13) == 46.0  # extrapolated along the last segment
 
 
+def test_rate_is_one_target_rounds_tokens_over_its_cost(monkeypatch):
+    """The predicted rate of a configuration is the expected tokens of one target round over that
+    round's cost (the tiers below producing gamma tokens, then the verification), checked by hand;
+    a round must not be charged again for the rounds needed to emit gamma tokens."""
+    target, tiny = peaky_model(1), peaky_model(3)
+    full = FullCache(target, 200)
+    tiers = Tier("target", target, full), Tier("tiny", tiny, StreamingCache(tiny, 2, 8, slack=48, max_forward=64))
+    costs = {"target": {1: 10.0, 9: 12.0, 17: 14.0}, "middle": {1: 3.0, 5: 4.0}, "draft": {1: 0.5}}
+    monkeypatch.setattr(auto.Chooser, "ms", lambda self, role, t: auto.interpolate(costs[role], t))
+    settings = auto.AutoSettings(tuple(auto.ROLES), (8, 16), (4,), (256,))
+    chooser = auto.Chooser(settings, tiers[0], {256: tiers[0]}, tiers[1], "test", prompt_len=48, new_tokens=100)
+    chooser.budget = 256
+    a0, a1 = 0.9, 0.8
+    chooser.pairs = {("target", "middle256"): auto.Pair(a0, 0, 0, 0), ("middle", "draft"): auto.Pair(a1, 0, 0, 0),
+                     ("target", "draft"): auto.Pair(a1, 0, 0, 0)}
+    e = auto.expected_tokens
+    for g in (8, 16):
+        draft = e(a1, g) / (g * 0.5 + auto.interpolate(costs["target"], g + 1))
+        assert chooser.rate(auto.Config("draft", (g,))) == pytest.approx(draft)
+        middle_rounds = g / e(a1, 4)  # retrieval rounds of 4 tiny drafts needed for g tokens
+        tri = e(a0, g) / (middle_rounds * (4 * 0.5 + 4.0) + auto.interpolate(costs["target"], g + 1))
+        assert chooser.rate(auto.Config("triforce", (g, 4))) == pytest.approx(tri)
+    assert chooser.rate(auto.Config("autoregressive")) == pytest.approx(1 / 10.0)
+
+
+def test_a_switch_that_brings_a_tier_in_must_save_more_than_its_catch_up(monkeypatch):
+    """Between rounds the chooser switches to a faster configuration only when the time saved over
+    the remaining tokens exceeds the catch-up of the tiers it adds (a bouncing chooser paid 3 s of
+    catch-up in a 5 s run on the H200); a switch that adds no tier costs nothing."""
+    from types import SimpleNamespace
+
+    target, tiny = peaky_model(1), peaky_model(3)
+    t_target = Tier("target", target, FullCache(target, 200))
+    t_tiny = Tier("tiny", tiny, StreamingCache(tiny, 2, 8, slack=48, max_forward=64))
+    settings = auto.AutoSettings(("autoregressive", "draft"), (4,), (1,), (256,))
+    ms = {"target": lambda t: 10.0 + 0.1 * t, "draft": lambda t: 1.0 * t}
+    monkeypatch.setattr(auto.Chooser, "ms", lambda self, role, t: ms[role](t))
+    chooser = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
+    used = []
+    engine = SimpleNamespace(tiers=[t_target], lens=[60], emitted=0, catch_up_seconds=0.0,
+                             use=lambda tiers, gammas: used.append([t.name for t in tiers]))
+    chooser.config = auto.Config("autoregressive")
+    chooser.segments.append(auto.Segment("autoregressive"))
+    chooser._seg_start = (0, 0.0)
+    monkeypatch.setattr(auto.Chooser, "_observe", lambda self, engine: True)
+    # the draft has seen nothing of 59 tokens: a 59-token catch-up step, predicted 59 ms
+    assert chooser.switch_cost(engine, auto.Config("draft", (4,))) == pytest.approx(59.0)
+    saving = 100 / chooser.rate(auto.Config("autoregressive")) - 100 / chooser.rate(auto.Config("draft", (4,)))
+    assert saving > 59.0  # so with 100 tokens left it switches
+    chooser.rounds_since = auto.REDECIDE_ROUNDS
+    chooser.between_rounds(engine)
+    assert used == [["target", "tiny"]]
+    chooser.config, engine.tiers = auto.Config("autoregressive"), [t_target]
+    chooser.switch_in_ms["draft"] = saving + 1.0  # its last switch-in took longer than the saving
+    chooser.rounds_since = auto.REDECIDE_ROUNDS
+    chooser.between_rounds(engine)
+    assert used == [["target", "tiny"]] and chooser.config.pipeline == "autoregressive"
+    engine.emitted = 99  # one token left: no switch pays for any catch-up
+    chooser.switch_in_ms.clear()
+    chooser.rounds_since = auto.REDECIDE_ROUNDS
+    chooser.between_rounds(engine)
+    assert chooser.config.pipeline == "autoregressive"
+
+
 def test_greedy_auto_equals_autoregressive_tiny(cost_dir, monkeypatch):
     """The real chooser, made to speculate (fake costs) so it switches as acceptance comes in."""
     ar = triforce.load("+model=tiny-random", "pipeline=autoregressive", "temperature=0")

@@ -36,7 +36,9 @@ expectation; its cost is the verification step plus producing gamma_k tokens bel
 rounds of the tier below, or gamma single steps at the last tier). The chooser runs the
 configuration with the most expected tokens per ms, autoregressive included (1 token per AR step),
 re-deciding every `REDECIDE_ROUNDS` target rounds when new acceptance was observed, and switching
-only for a predicted gain over `SWITCH_MARGIN`. Budget: fixed at the start of each generation
+only for a predicted gain over `SWITCH_MARGIN` whose time saved over the remaining tokens exceeds
+the switch's cost (the catch-up of any tier switched in, as predicted from its step cost or as
+its last switch-in took, whichever is more). Budget: fixed at the start of each generation
 (the acceptance at other budgets cannot be observed online).
 
 Losslessness. Each target round is an exact speculative-sampling round given the prefix: the
@@ -283,6 +285,7 @@ class Chooser:
         self.measured: list[str] = []
         self.rounds_since = 0
         self._seen: dict[int, tuple[int, int, int]] = {}
+        self.switch_in_ms: dict[str, float] = {}  # the last observed catch-up of a tier switched in, by role
         self.why = ""
 
     # ---------------------------------------------------------------- availability
@@ -370,7 +373,7 @@ class Chooser:
             got[t] = min(times[1:])
         back()
         if tier is not self.target:
-            cache.reset()  # brought up again (adopt / prefill) if chosen
+            tier.cache.reset()  # every row's cache; brought up again (adopt / prefill) if chosen
         self.costs.put(key, got, context=self.context, **extra)
         self.measure_seconds += time.perf_counter() - t0
         self.measured.append(key)
@@ -386,7 +389,8 @@ class Chooser:
         return self.pairs[key]
 
     def rate(self, config: Config) -> float:
-        """Expected target tokens per ms of `config`."""
+        """Expected target tokens per ms of `config`: one target round's expected tokens over its cost
+        (the tier below producing gamma tokens, then the target verifying gamma + 1)."""
         roles = ROLES[config.pipeline]
 
         def produce(level: int, n: int) -> float:  # ms for tier `level` to emit n tokens
@@ -399,7 +403,7 @@ class Chooser:
         if len(roles) == 1:
             return 1.0 / self.ms("target", 1)
         g = config.gammas[0]
-        return expected_tokens(self.pair("target", roles[1]).estimate, g) / produce(0, g)
+        return expected_tokens(self.pair("target", roles[1]).estimate, g) / (produce(1, g) + self.ms("target", g + 1))
 
     def tps(self, rate: float) -> float:
         """Tokens per second of the whole batch at `rate` (expected tokens per ms of one row)."""
@@ -483,9 +487,27 @@ class Chooser:
             self.rounds_since = 1
             if self._observe(engine):  # nothing new (e.g. autoregressive): the prediction stands
                 config, rate = self.best()
-                if config != self.config and rate > self.rate(self.config) * SWITCH_MARGIN:
-                    self._switch(engine, config, rate)
+                now = self.rate(self.config)
+                if config != self.config and rate > now * SWITCH_MARGIN:
+                    remaining = max(0.0, self.new_tokens - engine.emitted / self.rows)
+                    if remaining / now - remaining / rate > self.switch_cost(engine, config):
+                        self._switch(engine, config, rate)
         self.segments[-1].rounds += 1
+
+    def switch_cost(self, engine, config: Config) -> float:
+        """Predicted ms to switch to `config`: the catch-up of each tier it adds (the tokens that tier
+        has not seen, fed in one step, or what that tier's last switch-in took when that was more:
+        a first step of an odd size can cost a kernel compile). A switch pays only when the time it
+        saves over the remaining tokens exceeds this."""
+        using = {id(t) for t in engine.tiers}
+        ms = 0.0
+        for role in ROLES[config.pipeline]:
+            tier = self.tier(role)
+            if id(tier) in using:
+                continue
+            missing = max(engine.lens[b] - 1 - c.length for b, c in enumerate(tier.cache.rows))
+            ms += max(self.ms(role, max(1, missing)) if missing > 0 else 0.0, self.switch_in_ms.get(role, 0.0))
+        return ms
 
     def _observe(self, engine) -> bool:
         """Fold the acceptance counted since the last look into the pairs; True if anything new."""
@@ -512,12 +534,17 @@ class Chooser:
             seg.seconds += now - self._seg_start[1]
 
     def _switch(self, engine, config: Config, rate: float) -> None:
-        if self.config is not None:
+        first = self.config is None  # the start's switch may bring a tier up from its whole prompt
+        if not first:
             self._observe(engine)
         self._close_segment(engine)
         self._seen = {id(t): (t.stats.proposed, t.stats.accepted, t.stats.rejections) for t in self.tiers}
         self.config = config
+        before, using = engine.catch_up_seconds, {id(t) for t in engine.tiers}
+        added = [r for r in ROLES[config.pipeline] if id(self.tier(r)) not in using]
         engine.use([self.tier(r) for r in ROLES[config.pipeline]], list(config.gammas))
+        for role in added if not first else ():  # observed, so the next decision to switch it in counts it
+            self.switch_in_ms[role] = 1e3 * (engine.catch_up_seconds - before) / len(added)
         self.segments.append(Segment(config.label, predicted_tokens_per_second=self.tps(rate)))
         self._seg_start = (engine.emitted, time.perf_counter())
         self.rounds_since = 1
@@ -559,6 +586,7 @@ class Chooser:
             "step_costs_ms": costs, "cost_table": str(self.costs.path),
             "measured_now": self.measured, "measure_seconds": self.measure_seconds,
             "catch_up_seconds": engine.catch_up_seconds, "catch_up_tokens": engine.catch_up_tokens,
+            "switch_in_ms": {r: round(v, 3) for r, v in self.switch_in_ms.items()},
             "acceptance": {f"{u}<{d}": {"proposed": p.proposed, "accepted": p.accepted, "rejections": p.rejections,
                                         "prior": round(p.prior, 3),
                                         "estimate": round(p.estimate, 4)} for (u, d), p in self.pairs.items()},

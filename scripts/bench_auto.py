@@ -159,7 +159,8 @@ def injected(args, out: dict, offloaded: bool = False) -> None:
             if chooser is not None:
                 rep = chooser.report(eng, got, sec)
                 row["auto"] = {k: rep[k] for k in ("choice", "why", "sequence", "switches", "predicted_tokens_per_second",
-                                                   "acceptance", "catch_up_seconds", "step_costs_ms")}
+                                                   "acceptance", "catch_up_seconds", "switch_in_ms", "host_ms_per_forward",
+                                                   "step_costs_ms")}
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "auto"} | ({"auto": row["auto"]["sequence"]}
                              if "auto" in row else {})), flush=True)
@@ -224,7 +225,7 @@ def part2(args, overrides: list[str], out: dict) -> None:
                                  for k, v in s["tiers"].items()}}
                 if "auto" in s:
                     row["auto"] = {k: s["auto"][k] for k in ("choice", "why", "sequence", "budget", "switches",
-                                                             "predicted_tokens_per_second", "acceptance")}
+                                                             "predicted_tokens_per_second", "acceptance", "host_ms_per_forward")}
                 if temp == 0:
                     ref = r.token_ids if ref is None else ref
                     row["greedy_equal_to_autoregressive"] = r.token_ids == ref

@@ -19,10 +19,12 @@ PROSE = ("It was the best of times, it was the worst of times, it was the age of
          "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 40
 
 
-def fake_costs(target=10.0, middle=8.0, draft=2.0, per_token=0.1):
-    """Chooser.ms replacement: fixed step costs (ms) that make speculation pay at the prior."""
+def fake_costs(monkeypatch, target=10.0, middle=8.0, draft=2.0, per_token=0.1) -> None:
+    """Fixed step costs (ms) for Chooser.ms that make speculation pay at the prior. The host time
+    per forward is not observed against them (this machine's steps are not those costs)."""
     base = {"target": target, "middle": middle, "draft": draft}
-    return lambda self, role, t: base[role] + per_token * t
+    monkeypatch.setattr(auto.Chooser, "ms", lambda self, role, t: base[role] + per_token * t)
+    monkeypatch.setattr(auto.Chooser, "_observe_host", lambda self, engine: None)
 
 
 @pytest.fixture
@@ -67,6 +69,8 @@ def test_expected_tokens_and_interpolation():
     costs = {1: 10.0, 5: 14.0, 9: 30.0}
     assert auto.interpolate(costs, 1) == 10.0 and auto.interpolate(costs, 3) == 12.0
     assert auto.interpolate(costs, 13) == 46.0  # extrapolated along the last segment
+    # a 1-token step measured at 23.8 ms beside 1.46 ms for 2 tokens (a busy CPU) is capped
+    assert auto.monotone({1: 23.8, 2: 1.46, 3: 1.98, 5: 1.55, 9: 2.39}) == {1: 1.46, 2: 1.46, 3: 1.55, 5: 1.55, 9: 2.39}
 
 
 def test_rate_is_one_target_rounds_tokens_over_its_cost(monkeypatch):
@@ -133,11 +137,42 @@ def test_a_switch_that_brings_a_tier_in_must_save_more_than_its_catch_up(monkeyp
     assert chooser.config.pipeline == "autoregressive"
 
 
+def test_host_time_per_forward_is_observed_and_charged_to_every_step(monkeypatch):
+    """Wall time beyond the steps' measured costs, over the forwards run, is charged to every step
+    of every configuration: with 2 ms of host work per forward a 1 ms draft step no longer pays."""
+    import time
+    from types import SimpleNamespace
+
+    target, tiny = peaky_model(1), peaky_model(3)
+    t_target = Tier("target", target, FullCache(target, 200))
+    t_tiny = Tier("tiny", tiny, StreamingCache(tiny, 2, 8, slack=48, max_forward=64))
+    settings = auto.AutoSettings(("autoregressive", "draft"), (4,), (1,), (256,))
+    monkeypatch.setattr(auto.Chooser, "ms", lambda self, role, t: {"target": 10.0, "draft": 1.0}[role])
+    chooser = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
+    chooser.pairs = {("target", "draft"): auto.Pair(0.5, 0, 0, 0)}
+    draft, ar = auto.Config("draft", (4,)), auto.Config("autoregressive")
+    assert chooser.host_ms == 0.0 and chooser.rate(draft) > chooser.rate(ar)
+    chooser.config = draft
+    engine = SimpleNamespace()
+    chooser._observe_host(engine)  # the mark
+    t0, before, config = chooser._mark
+    # 3 rounds: 3 target verifications (10 ms) and 12 draft steps (1 ms) in 42 + 2 x 15 ms of wall
+    chooser._mark = (t0 - (42 + 30) / 1e3, before, config)
+    t_target.stats.forwards += 3
+    t_tiny.stats.forwards += 12
+    chooser._observe_host(engine)
+    assert chooser.host_ms == pytest.approx(2.0, abs=0.05)
+    e = auto.expected_tokens(0.5, 4)
+    assert chooser.rate(draft) == pytest.approx(e / (4 * (1.0 + chooser.host_ms) + 10.0 + chooser.host_ms))
+    assert chooser.rate(ar) == pytest.approx(1 / (10.0 + chooser.host_ms))
+    assert chooser.rate(draft) < chooser.rate(ar)
+
+
 def test_greedy_auto_equals_autoregressive_tiny(cost_dir, monkeypatch):
     """The real chooser, made to speculate (fake costs) so it switches as acceptance comes in."""
     ar = triforce.load("+model=tiny-random", "pipeline=autoregressive", "temperature=0")
     want = ar.generate(PROSE[:600], max_new_tokens=48).token_ids
-    monkeypatch.setattr(auto.Chooser, "ms", fake_costs())
+    fake_costs(monkeypatch)
     monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
     gen = triforce.load(*TINY, "temperature=0")
     r = gen.generate(PROSE[:600], max_new_tokens=48)
@@ -154,7 +189,7 @@ def test_greedy_auto_batch_rows_equal_autoregressive_tiny(cost_dir, monkeypatch)
     texts = [PROSE[:700], PROSE[100:720], PROSE[50:800]]  # every prompt over twice the 256 budget
     ar = triforce.load("+model=tiny-random", "pipeline=autoregressive", "temperature=0")
     want = [ar.generate(t, max_new_tokens=40).token_ids for t in texts]
-    monkeypatch.setattr(auto.Chooser, "ms", fake_costs())  # speculation pays; the real costs are still measured
+    fake_costs(monkeypatch)  # speculation pays; the real costs are still measured
     rows = triforce.load(*TINY, "temperature=0").generate(texts, max_new_tokens=40)
     assert [r.token_ids for r in rows] == want
     a = rows[0].stats["auto"]
@@ -168,7 +203,7 @@ def test_greedy_auto_batch_rows_equal_autoregressive_tiny(cost_dir, monkeypatch)
 def test_a_draft_expected_to_run_is_prefilled_before_decoding(cost_dir, monkeypatch):
     """A draft the chooser expects to use is prefilled with the prompt (counted as prefill), so no
     catch-up of the prompt lands in the decode; a second call with the same seed repeats the first."""
-    monkeypatch.setattr(auto.Chooser, "ms", fake_costs())
+    fake_costs(monkeypatch)
     monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
     gen = triforce.load(*TINY, "temperature=0.6", "cache.budget=1024")  # budget over half the prompt: no middle tier
     first = gen.generate(PROSE[:600], max_new_tokens=32, seed=3)
@@ -194,7 +229,7 @@ def test_stops_speculating_when_acceptance_makes_it_lose(monkeypatch):
     full = FullCache(target, 200)
     t_target, t_tiny = Tier("target", target, full), Tier("tiny", tiny, StreamingCache(tiny, 2, 8, slack=48, max_forward=64))
     settings = auto.AutoSettings(("autoregressive", "draft"), (1, 2, 4), (1,), (256,))
-    monkeypatch.setattr(auto.Chooser, "ms", fake_costs(target=10.0, draft=4.0, per_token=0.0))
+    fake_costs(monkeypatch, target=10.0, draft=4.0, per_token=0.0)
     monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
     chooser = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
     eng = SpeculativeEngine([t_target, t_tiny], 1.0, 1.0, prefill_chunk=64, chooser=chooser)
@@ -233,7 +268,7 @@ def test_cpu_falls_back_to_autoregressive_on_smollm2(smollm2_gens, cost_dir):
 
 def test_greedy_auto_equals_autoregressive_smollm2(smollm2_gens, cost_dir, monkeypatch):
     ar, gen = smollm2_gens
-    monkeypatch.setattr(auto.Chooser, "ms", fake_costs(target=10.0, middle=3.0, draft=1.0))
+    fake_costs(monkeypatch, target=10.0, middle=3.0, draft=1.0)
     monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
     ids = botchan_ids(ar, 700)
     r = gen.generate(ids, max_new_tokens=32)

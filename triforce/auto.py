@@ -38,7 +38,10 @@ configuration with the most expected tokens per ms, autoregressive included (1 t
 re-deciding every `REDECIDE_ROUNDS` target rounds when new acceptance was observed, and switching
 only for a predicted gain over `SWITCH_MARGIN` whose time saved over the remaining tokens exceeds
 the switch's cost (the catch-up of any tier switched in, as predicted from its step cost or as
-its last switch-in took, whichever is more). Budget: fixed at the start of each generation
+its last switch-in took, whichever is more). Every step is also charged the host time per forward
+observed so far in the run beyond the measured step costs (sampling, verification, bookkeeping):
+for a small model that is comparable to its step, and it favours fewer, longer steps. Budget:
+fixed at the start of each generation
 (the acceptance at other budgets cannot be observed online).
 
 Losslessness. Each target round is an exact speculative-sampling round given the prefix: the
@@ -198,6 +201,17 @@ def interpolate(costs: dict[int, float], t: int) -> float:
     return m1 + max(0.0, (m1 - m0) / (t1 - t0)) * (t - t1)
 
 
+def monotone(costs: dict[int, float]) -> dict[int, float]:
+    """Each size's ms capped by every larger size's: a step feeding fewer tokens reads the same
+    weights and no more KV, so a smaller size measured slower is noise (a busy moment of a shared
+    CPU, kept in the cost table) and must not make that step look dear."""
+    out, low = {}, math.inf
+    for t in sorted(costs, reverse=True):
+        low = min(low, costs[t])
+        out[t] = low
+    return out
+
+
 def tier_key(tier, bucket: int) -> str:
     """What a tier's step cost depends on besides device and dtype: model shape, cache kind and size,
     context bucket (a streaming cache's steps do not depend on the context), CUDA graphs."""
@@ -286,6 +300,10 @@ class Chooser:
         self.rounds_since = 0
         self._seen: dict[int, tuple[int, int, int]] = {}
         self.switch_in_ms: dict[str, float] = {}  # the last observed catch-up of a tier switched in, by role
+        # host work per forward beyond the measured step costs (sampling, verification, bookkeeping),
+        # observed over the run: wall ms minus the steps' predicted ms, over the forwards run
+        self.host_excess_ms, self.host_forwards = 0.0, 0
+        self._mark: tuple | None = None
         self.why = ""
 
     # ---------------------------------------------------------------- availability
@@ -379,7 +397,7 @@ class Chooser:
         self.measured.append(key)
 
     def ms(self, role: str, t: int) -> float:
-        return interpolate(self.costs.get(self.keys[id(self.tier(role))]), t)
+        return interpolate(monotone(self.costs.get(self.keys[id(self.tier(role))])), t)
 
     # ---------------------------------------------------------------- prediction
     def pair(self, upper: str, lower: str) -> Pair:
@@ -393,17 +411,45 @@ class Chooser:
         (the tier below producing gamma tokens, then the target verifying gamma + 1)."""
         roles = ROLES[config.pipeline]
 
+        h = self.host_ms
+
         def produce(level: int, n: int) -> float:  # ms for tier `level` to emit n tokens
             if level == len(roles) - 1:
-                return n * self.ms(roles[level], 1)
+                return n * (self.ms(roles[level], 1) + h)
             g = config.gammas[level]
             e = expected_tokens(self.pair(roles[level], roles[level + 1]).estimate, g)
-            return max(1.0, n / e) * (produce(level + 1, g) + self.ms(roles[level], g + 1))
+            return max(1.0, n / e) * (produce(level + 1, g) + self.ms(roles[level], g + 1) + h)
 
         if len(roles) == 1:
-            return 1.0 / self.ms("target", 1)
+            return 1.0 / (self.ms("target", 1) + h)
         g = config.gammas[0]
-        return expected_tokens(self.pair("target", roles[1]).estimate, g) / (produce(1, g) + self.ms("target", g + 1))
+        return expected_tokens(self.pair("target", roles[1]).estimate, g) / (produce(1, g) + self.ms("target", g + 1) + h)
+
+    @property
+    def host_ms(self) -> float:
+        """Observed host ms per forward beyond the step costs (0 until observed; never negative)."""
+        return max(0.0, self.host_excess_ms / self.host_forwards) if self.host_forwards else 0.0
+
+    def _observe_host(self, engine) -> None:
+        """Fold the wall time since the last mark, less the predicted cost of the forwards run in it,
+        into the host overhead per forward. Small models pay a host cost per forward comparable to
+        their step (SmolLM2 on a GPU; any model on a CPU), which favours fewer, longer steps."""
+        now = time.perf_counter()
+        forwards = {id(t): t.stats.forwards for t in self.tiers}
+        if self._mark is not None and self._mark[2] == self.config:
+            t0, before, _ = self._mark
+            roles = ROLES[self.config.pipeline]
+            predicted, n = 0.0, 0
+            for level, role in enumerate(roles):
+                tier = self.tier(role)
+                k = forwards[id(tier)] - before.get(id(tier), 0)
+                size = 1 if level == len(roles) - 1 else self.config.gammas[level] + 1
+                predicted += k * self.ms(role, size)
+                n += k
+            if n:
+                self.host_excess_ms += 1e3 * (now - t0) - predicted
+                self.host_forwards += n
+        self._mark = (now, forwards, self.config)
 
     def tps(self, rate: float) -> float:
         """Tokens per second of the whole batch at `rate` (expected tokens per ms of one row)."""
@@ -485,6 +531,7 @@ class Chooser:
         self.rounds_since += 1
         if self.rounds_since > REDECIDE_ROUNDS:
             self.rounds_since = 1
+            self._observe_host(engine)
             if self._observe(engine):  # nothing new (e.g. autoregressive): the prediction stands
                 config, rate = self.best()
                 now = self.rate(self.config)
@@ -547,6 +594,8 @@ class Chooser:
             self.switch_in_ms[role] = 1e3 * (engine.catch_up_seconds - before) / len(added)
         self.segments.append(Segment(config.label, predicted_tokens_per_second=self.tps(rate)))
         self._seg_start = (engine.emitted, time.perf_counter())
+        self._mark = None
+        self._observe_host(engine)  # a fresh mark after the catch-up, for the new configuration
         self.rounds_since = 1
 
     # ---------------------------------------------------------------- report
@@ -587,6 +636,7 @@ class Chooser:
             "measured_now": self.measured, "measure_seconds": self.measure_seconds,
             "catch_up_seconds": engine.catch_up_seconds, "catch_up_tokens": engine.catch_up_tokens,
             "switch_in_ms": {r: round(v, 3) for r, v in self.switch_in_ms.items()},
+            "host_ms_per_forward": round(self.host_ms, 4),
             "acceptance": {f"{u}<{d}": {"proposed": p.proposed, "accepted": p.accepted, "rejections": p.rejections,
                                         "prior": round(p.prior, 3),
                                         "estimate": round(p.estimate, 4)} for (u, d), p in self.pairs.items()},

@@ -304,6 +304,7 @@ class Chooser:
         # observed over the run: wall ms minus the steps' predicted ms, over the forwards run
         self.host_excess_ms, self.host_forwards = 0.0, 0
         self._mark: tuple | None = None
+        self._curves: dict[str, dict[int, float]] = {}  # cost-table entries as `ms` reads them, by key
         self.why = ""
 
     # ---------------------------------------------------------------- availability
@@ -393,11 +394,15 @@ class Chooser:
         if tier is not self.target:
             tier.cache.reset()  # every row's cache; brought up again (adopt / prefill) if chosen
         self.costs.put(key, got, context=self.context, **extra)
+        self._curves.pop(key, None)
         self.measure_seconds += time.perf_counter() - t0
         self.measured.append(key)
 
     def ms(self, role: str, t: int) -> float:
-        return interpolate(monotone(self.costs.get(self.keys[id(self.tier(role))])), t)
+        key = self.keys[id(self.tier(role))]
+        if key not in self._curves:  # a decision asks for hundreds of costs: read each entry once
+            self._curves[key] = monotone(self.costs.get(key))
+        return interpolate(self._curves[key], t)
 
     # ---------------------------------------------------------------- prediction
     def pair(self, upper: str, lower: str) -> Pair:
@@ -409,9 +414,7 @@ class Chooser:
     def rate(self, config: Config) -> float:
         """Expected target tokens per ms of `config`: one target round's expected tokens over its cost
         (the tier below producing gamma tokens, then the target verifying gamma + 1)."""
-        roles = ROLES[config.pipeline]
-
-        h = self.host_ms
+        roles, h = ROLES[config.pipeline], self.host_ms
 
         def produce(level: int, n: int) -> float:  # ms for tier `level` to emit n tokens
             if level == len(roles) - 1:

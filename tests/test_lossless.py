@@ -179,6 +179,20 @@ def test_switching_configurations_between_rounds_is_lossless(setup, cycle):
     assert tv < bound, f"TV {tv:.4f} exceeds the sampling bound {bound:.4f}"
 
 
+@torch.inference_mode()
+def test_a_retrieval_tier_switched_back_in_adopts_the_targets_kv(setup):
+    """A tier reading the target's KV catches up by adopting it (every position it missed is one the
+    target verified): no forward, and greedy output still equals the target's own greedy run."""
+    target, tiny, prompt = setup
+    ar = SpeculativeEngine(tiers(target, tiny, "autoregressive"), 0.0, 1.0, prefill_chunk=64)
+    want = ar.generate(prompt, 24, seed=0)
+    tier_list = tiers(target, tiny, "retrieval")
+    eng = SpeculativeEngine(tier_list, 0.0, 1.0, prefill_chunk=64,
+                            chooser=Alternating(tier_list, [((0, 1), (2,)), ((0,), ()), ((0,), ())]))
+    assert eng.generate(prompt, 24, seed=0) == want
+    assert eng.catch_up_tokens == 0 and tier_list[1].stats.forwards > 0
+
+
 def test_broken_verifier_is_detected_when_switching(setup, monkeypatch):
     target, tiny, prompt = setup
     monkeypatch.setattr(engine_mod, "speculative_verify_rows", broken_verify)

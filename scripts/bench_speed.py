@@ -424,6 +424,16 @@ def hf_model(path, dtype: torch.dtype, device: str):
     return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype, **gguf).to(device).eval()
 
 
+def first_difference(got: list[int], want: list[int]) -> int | None:
+    """Index of the first token where a greedy run parts from autoregressive decoding (None: equal).
+    In bf16 on a GPU the two part at the first near-tie (a verify step rounds unlike a decode
+    step); in float32 they are equal: where they part says which of the two it is."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            return i
+    return None if len(got) == len(want) else min(len(got), len(want))
+
+
 def part2(args, out: dict) -> None:
     """Real SmolLM2-135M: our pipelines vs HF generate (static cache, prompt lookup)."""
     import triforce
@@ -452,6 +462,7 @@ def part2(args, out: dict) -> None:
                 if temp == 0:
                     ref = r.token_ids if ref is None else ref
                     row["greedy_equal_to_autoregressive"] = r.token_ids == ref
+                    row["greedy_first_difference"] = first_difference(r.token_ids, ref)
                 ar_ms = next((x["ms_per_token"] for x in rows if x["context"] == ctx and x["temperature"] == temp
                               and x["system"] == "triforce/autoregressive"), None)
                 if ar_ms:

@@ -304,6 +304,7 @@ class Chooser:
         # observed over the run: wall ms minus the steps' predicted ms, over the forwards run
         self.host_excess_ms, self.host_forwards = 0.0, 0
         self._mark: tuple | None = None
+        self._captured_before = 0.0  # graph-capture seconds of the tiers before the decode started
         self._curves: dict[str, dict[int, float]] = {}  # cost-table entries as `ms` reads them, by key
         self.why = ""
 
@@ -436,11 +437,15 @@ class Chooser:
     def _observe_host(self, engine) -> None:
         """Fold the wall time since the last mark, less the predicted cost of the forwards run in it,
         into the host overhead per forward. Small models pay a host cost per forward comparable to
-        their step (SmolLM2 on a GPU; any model on a CPU), which favours fewer, longer steps."""
+        their step (SmolLM2 on a GPU; any model on a CPU), which favours fewer, longer steps.
+        A stretch in which a CUDA graph was captured is left out: a capture's warm-up and compiles
+        are one-off (on the H200 they made 0.71 ms per forward of a 7B run whose steady host cost
+        was 0.13-0.27, and the chooser then took gamma 6 where 16 won)."""
         now = time.perf_counter()
         forwards = {id(t): t.stats.forwards for t in self.tiers}
-        if self._mark is not None and self._mark[2] == self.config:
-            t0, before, _ = self._mark
+        captures = self._captures()[0]
+        if self._mark is not None and self._mark[2] == self.config and self._mark[3] == captures:
+            t0, before, _, _ = self._mark
             roles = ROLES[self.config.pipeline]
             predicted, n = 0.0, 0
             for level, role in enumerate(roles):
@@ -452,7 +457,12 @@ class Chooser:
             if n:
                 self.host_excess_ms += 1e3 * (now - t0) - predicted
                 self.host_forwards += n
-        self._mark = (now, forwards, self.config)
+        self._mark = (now, forwards, self.config, captures)
+
+    def _captures(self) -> tuple[int, float]:
+        """CUDA-graph captures of this chooser's tiers so far in the process: how many, and seconds."""
+        graphed = [t.graphed for t in self.tiers if t.graphed is not None]
+        return sum(getattr(g, "captures", 0) for g in graphed), sum(getattr(g, "capture_seconds", 0.0) for g in graphed)
 
     def tps(self, rate: float) -> float:
         """Tokens per second of the whole batch at `rate` (expected tokens per ms of one row)."""
@@ -469,9 +479,6 @@ class Chooser:
             else:
                 out += [Config(p, (g, d)) for g in self.settings.gammas for d in self.settings.draft_gammas]
         return out
-
-    def best(self) -> tuple[Config, float]:
-        return max(((c, self.rate(c)) for c in self.candidates()), key=lambda x: x[1])
 
     # ---------------------------------------------------------------- engine hooks
     def start(self, engine) -> None:
@@ -536,19 +543,24 @@ class Chooser:
             self.rounds_since = 1
             self._observe_host(engine)
             if self._observe(engine):  # nothing new (e.g. autoregressive): the prediction stands
-                config, rate = self.best()
+                # the configuration that saves most over the remaining tokens net of its switch cost
+                # (the fastest may lack graphs that a nearly as fast one has)
                 now = self.rate(self.config)
-                if config != self.config and rate > now * SWITCH_MARGIN:
-                    remaining = max(0.0, self.new_tokens - engine.emitted / self.rows)
-                    if remaining / now - remaining / rate > self.switch_cost(engine, config):
-                        self._switch(engine, config, rate)
+                remaining = max(0.0, self.new_tokens - engine.emitted / self.rows)
+                net = [(remaining / now - remaining / rate - self.switch_cost(engine, config), config, rate)
+                       for config, rate in ((c, self.rate(c)) for c in self.candidates())
+                       if config != self.config and rate > now * SWITCH_MARGIN]
+                gain, config, rate = max(net, key=lambda x: x[0], default=(0.0, None, 0.0))
+                if gain > 0:
+                    self._switch(engine, config, rate)
         self.segments[-1].rounds += 1
 
     def switch_cost(self, engine, config: Config) -> float:
         """Predicted ms to switch to `config`: the catch-up of each tier it adds (the tokens that tier
-        has not seen, fed in one step, or what that tier's last switch-in took when that was more:
-        a first step of an odd size can cost a kernel compile). A switch pays only when the time it
-        saves over the remaining tokens exceeds this."""
+        has not seen, fed in one step; one selection step for a tier reading the target's KV, which
+        adopts it instead; or what that tier's last switch-in took when that was more: a first step
+        of an odd size can cost a kernel compile). A switch pays only when the time it saves over
+        the remaining tokens exceeds this."""
         using = {id(t) for t in engine.tiers}
         ms = 0.0
         for role in ROLES[config.pipeline]:
@@ -556,7 +568,29 @@ class Chooser:
             if id(tier) in using:
                 continue
             missing = max(engine.lens[b] - 1 - c.length for b, c in enumerate(tier.cache.rows))
+            if tier.cache.shares_target_kv:
+                missing = min(missing, 1)
             ms += max(self.ms(role, max(1, missing)) if missing > 0 else 0.0, self.switch_in_ms.get(role, 0.0))
+        return ms + self.capture_ms(config)
+
+    def capture_ms(self, config: Config) -> float:
+        """Predicted ms of the CUDA-graph captures `config`'s steps still lack (each tier's step of
+        gamma + 1, and the bottom tier's single step): the mean of that tier's captures so far in
+        this process, or its warm-ups plus one step before any. A 7B capture costs several steps,
+        so a switch to a new gamma for a few rounds can cost more than it saves."""
+        roles = ROLES[config.pipeline]
+        ms = 0.0
+        for level, role in enumerate(roles):
+            graphed = self.tier(role).graphed
+            if graphed is None or not getattr(graphed, "capture", False):
+                continue
+            size = 1 if level == len(roles) - 1 else config.gammas[level] + 1
+            if size not in graphed.sizes or any(k and k[0] == size for k in (*graphed.graphs, *graphed.failed)):
+                continue
+            if graphed.captures:
+                ms += 1e3 * graphed.capture_seconds / graphed.captures
+            else:
+                ms += (graphed.warmup + 1) * self.ms(role, size)
         return ms
 
     def _observe(self, engine) -> bool:
@@ -585,6 +619,8 @@ class Chooser:
 
     def _switch(self, engine, config: Config, rate: float) -> None:
         first = self.config is None  # the start's switch may bring a tier up from its whole prompt
+        if first:  # captures from here on land in the decode (the measurement's are reported apart)
+            self._captured_before = self._captures()[1]
         if not first:
             self._observe(engine)
         self._close_segment(engine)
@@ -639,6 +675,7 @@ class Chooser:
             "measured_now": self.measured, "measure_seconds": self.measure_seconds,
             "catch_up_seconds": engine.catch_up_seconds, "catch_up_tokens": engine.catch_up_tokens,
             "switch_in_ms": {r: round(v, 3) for r, v in self.switch_in_ms.items()},
+            "capture_seconds": self._captures()[1] - self._captured_before,
             "host_ms_per_forward": round(self.host_ms, 4),
             "acceptance": {f"{u}<{d}": {"proposed": p.proposed, "accepted": p.accepted, "rejections": p.rejections,
                                         "prior": round(p.prior, 3),

@@ -25,6 +25,7 @@ created the communicator before the first capture. The engine's decision broadca
 from __future__ import annotations
 
 import gc
+import time
 import warnings
 
 import torch
@@ -97,6 +98,7 @@ class GraphedModel:
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple]] = {}
         self.failed: set[tuple] = set()  # keys whose capture failed: eager from then on, never retried
         self.warned = False
+        self.capture_seconds, self.captures = 0.0, 0  # wall time of the captures (warm-up and compiles included)
         self.pool = None  # one memory pool shared by this model's graphs (a handle, so cleanup can name it)
         self.batch = len(cache.rows)  # rows of each step (a `Rows` cache serves a batch)
         self.uniform = torch.zeros(self.batch, model.args.vocab_size, device=model.device)  # noise of in-graph draws
@@ -208,11 +210,14 @@ class GraphedModel:
         if selecting:
             key = None
         elif self.capture and key not in self.graphs and key not in self.failed:
+            t0 = time.perf_counter()
             try:
                 self.graphs[key] = self._capture(n_new, last, head)
             except Exception as e:  # whatever broke the capture, the eager graph-mode step below still runs
                 self._give_up(key, e)
             self.cache.prepare(n_new)
+            self.capture_seconds += time.perf_counter() - t0
+            self.captures += 1
         if key not in self.graphs:
             self.cache.graph_mode = True
             try:

@@ -13,10 +13,14 @@ allows; random bf16 weights, KV filled with random values, CUDA graphs):
   switch: random weights accept nothing) at 0.8 and 0.9: throughput (tokens/s over all rows)
   and per-token latency (ms per step of one row); per-tier GPU time from CUDA events, and the rest
   of the wall time (`outside_forwards_ms`: host work, eager steps);
-- Hugging Face batched `generate` with a static cache at B=16 (same shape, random weights).
+- Hugging Face batched `generate` with a static cache at B=16 (same shape, random weights);
+- with `--continuous`: 4 x B jobs of mixed lengths (new/4 to 2 x new tokens after really prefilled
+  prompts) on B rows, static batches (each group waits for its longest job) against continuous
+  batching (a waiting job takes a finished row), for batched AR and the draft pair.
 Sampling: temperature 0.6, top_p 1 (every row of every pipeline draws; no nucleus sort).
 
     python scripts/bench_batch.py [--batches 1 4 16 32 64] [--shapes q15_8k q15_32k llama7b_32k]
+    python scripts/bench_batch.py --continuous --shapes q15_8k --batches 8 32   # + mixed-length jobs, continuous vs static
     python scripts/bench_batch.py --smoke      # CPU: toy shapes, every part runs, numbers mean nothing
     python scripts/bench_batch.py --merge A.json B.json --out results/batch_h200.json   # runs of other shapes, one file
 Writes results/batch_<gpu>.json (+ .png, speedup against batch size) with a `summary`.
@@ -236,6 +240,68 @@ def run_shape(name: str, batches: list[int], new: int, bw: float, device, smoke:
     return out
 
 
+def continuous_run(model, tiny, pipeline: str, rate: float, batch: int, ctx: int, new: int, gamma: int,
+                   tiny_gamma: int, budget: int, device) -> dict:
+    """Mixed-length jobs on `batch` rows, two ways, side by side: static batches (each group of
+    `batch` jobs runs to its longest; finished rows ride along masked) and continuous batching (a
+    waiting job takes a finished row between target rounds). 4 x batch jobs of `ctx`-token random
+    prompts (really prefilled: a job's prefill is part of serving it) asking new/4 .. 2 x new
+    tokens. Throughput over the whole set, wall time with prefills and without."""
+    g = torch.Generator().manual_seed(batch)
+    n_jobs = 4 * batch
+    choices = [max(1, new // 4), max(1, new // 2), new, 2 * new]
+    maxes = [choices[int(i)] for i in torch.randint(0, len(choices), (n_jobs,), generator=g)]
+    vocab = model.args.vocab_size
+    prompts = [torch.randint(0, vocab, (ctx,), generator=g) for _ in range(n_jobs)]
+    inject = {} if pipeline == "autoregressive" else ({0: rate, 1: 0.8} if pipeline == "triforce" else {0: rate})
+    tiers = make_tiers(model, tiny, pipeline, batch, ctx + 2 * new + 64, gamma, tiny_gamma, budget, device.type == "cuda")
+    eng = SpeculativeEngine(tiers, 0.6, 1.0, injected_acceptance=inject)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    eng.generate_batch(prompts[:batch], min(new, 8), seeds=list(range(batch)))  # untimed: captures graphs
+    ways = {}
+    for way in ("static", "continuous"):
+        sync()
+        t0, prefill, tokens = time.perf_counter(), 0.0, 0
+        groups = [range(i, i + batch) for i in range(0, n_jobs, batch)] if way == "static" else [range(n_jobs)]
+        for grp in groups:
+            out = eng.generate_batch([prompts[i] for i in grp], [maxes[i] for i in grp], seeds=list(grp),
+                                     rows=batch)
+            tokens += sum(len(o) for o in out)
+            prefill += eng.prefill_seconds + eng.refill_seconds
+        sync()
+        sec = time.perf_counter() - t0
+        ways[way] = {"seconds": sec, "tokens": tokens, "prefill_seconds": prefill, "tokens_per_second": tokens / sec,
+                     "decode_tokens_per_second": tokens / max(1e-9, sec - prefill)}
+    for t in tiers:
+        t.graphed = None
+    row = {"pipeline": pipeline, "batch": batch, "context": ctx, "jobs": n_jobs, "injected": rate if inject else None,
+           "gamma": gamma, "new_tokens": sorted(set(maxes)), "tokens_asked": sum(maxes), **ways,
+           "continuous_over_static": ways["continuous"]["tokens_per_second"] / ways["static"]["tokens_per_second"],
+           "continuous_over_static_decode": (ways["continuous"]["decode_tokens_per_second"]
+                                             / ways["static"]["decode_tokens_per_second"])}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def run_continuous(batches: list[int], new: int, ctx: int, device, smoke: bool) -> list[dict]:
+    """The continuous-batching part on the Qwen2.5 1.5B + 0.5B shapes: batched AR and the draft
+    pair at injected 0.9 (gamma 4), per batch size."""
+    a, ta = (SMOKE_TARGET, SMOKE_TINY) if smoke else (QWEN15, QWEN05)
+    dtype = torch.float32 if smoke else DT
+    rows = []
+    with torch.inference_mode():
+        model = build_model(a, None, device, dtype, context_length=max(a.max_position_embeddings, ctx + 4 * new)).eval()
+        tiny = build_model(ta, None, device, dtype, seed=1).eval()
+        for batch in batches:
+            for pipeline, rate, gamma in (("autoregressive", 0.0, 0), ("draft", 0.9, 4)):
+                rows.append(continuous_run(model, tiny, pipeline, rate, batch, ctx, new, gamma, 0, 32 if smoke else 2048,
+                                           device))
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    return rows
+
+
 def speedups(shape: dict) -> dict:
     """Best speculative throughput over batched AR, per batch size and injected rate."""
     res: dict = {}
@@ -282,6 +348,11 @@ def summarize(out: dict) -> dict:
                 "mean_row_rounds": new / tiers["target"]["mean_accepted_length"],
                 "outside_forwards_ms": row["outside_forwards_ms"]}
         s["targets"] = targets(s)
+    if out.get("continuous"):  # per pipeline, at the largest batch measured
+        for pipe in sorted({r["pipeline"] for r in out["continuous"]}):
+            row = max((r for r in out["continuous"] if r["pipeline"] == pipe), key=lambda r: r["batch"])
+            s[f"continuous_over_static_{pipe}"] = {"batch": row["batch"], "wall": row["continuous_over_static"],
+                                                   "decode": row["continuous_over_static_decode"]}
     return s
 
 
@@ -340,6 +411,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--smoke", action="store_true", help="CPU (or GPU) at toy sizes: every part runs, numbers mean nothing")
+    ap.add_argument("--continuous", action="store_true",
+                    help="also: mixed-length jobs, continuous batching against static batches (1.5B + 0.5B shapes)")
+    ap.add_argument("--continuous-context", type=int, default=4096, help="prompt length of the continuous part")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON", help="join runs of other shapes (needs --out)")
     args = ap.parse_args(argv)
@@ -372,6 +446,11 @@ def main(argv: list[str] | None = None) -> dict:
     out["shapes"] = []
     for s in args.shapes:  # written after each shape: a run cut short keeps what it measured
         out["shapes"].append(run_shape(s, args.batches, args.new_tokens, bw, device, args.smoke))
+        out["summary"] = summarize(out)
+        path.write_text(json.dumps(out, indent=1))
+    if args.continuous or args.smoke:
+        out["continuous"] = run_continuous([b for b in args.batches if b > 1], args.new_tokens,
+                                           64 if args.smoke else args.continuous_context, device, args.smoke)
         out["summary"] = summarize(out)
         path.write_text(json.dumps(out, indent=1))
     if not args.smoke:

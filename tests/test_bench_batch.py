@@ -18,6 +18,11 @@ def test_bench_batch_smoke(tmp_path):
     assert pipelines == {"autoregressive", "draft", "retrieval", "triforce"}
     assert {row["batch"] for row in res["shapes"][0]["e2e"]} == {1, 3}
     assert set(res["summary"]["speedup_by_batch_q15_8k"]["0.9"]) == {"1", "3"}
+    cont = res["continuous"]
+    assert {(r["pipeline"], r["batch"]) for r in cont} == {("autoregressive", 3), ("draft", 3)}
+    for r in cont:  # both ways serve every job its tokens
+        assert r["jobs"] == 12 and r["static"]["tokens"] == r["continuous"]["tokens"] == r["tokens_asked"]
+    assert {"continuous_over_static_autoregressive", "continuous_over_static_draft"} <= set(res["summary"])
 
 
 def test_bench_batch_needs_a_gpu_without_smoke():

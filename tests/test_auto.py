@@ -157,7 +157,8 @@ def test_switching_a_retrieval_tier_in_is_predicted_to_cost_one_step(monkeypatch
 
 def test_a_switch_counts_the_graph_captures_its_steps_lack(monkeypatch):
     """A configuration whose step sizes have no CUDA graph yet pays their captures first: before any
-    capture, the warm-ups plus one step per missing graph; after some, their mean time."""
+    capture, the warm-ups plus one step per missing graph; after some, their mean time. Both the
+    first choice and a switch weigh them against the time saved over the tokens asked."""
     from types import SimpleNamespace
 
     target, tiny = peaky_model(1), peaky_model(3)
@@ -193,6 +194,20 @@ def test_a_switch_counts_the_graph_captures_its_steps_lack(monkeypatch):
     chooser.rounds_since = auto.REDECIDE_ROUNDS
     chooser.between_rounds(engine)
     assert used == [[4]] and chooser.config == d4
+    # the first choice weighs the captures too: the least predicted time for the 100 tokens asked
+    fresh = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
+    fresh.pairs = {("target", "draft"): auto.Pair(0.9, 0, 0, 0)}
+    monkeypatch.setattr(auto.Chooser, "_measure", lambda self, engine, tier, role, sizes=None: None)
+    monkeypatch.setattr(auto.Chooser, "_may_pay", lambda self, engine, roles: True)
+    used.clear()
+    engine.bring_up_now = lambda tier: None
+    fresh.start(engine)
+    assert used == [[4]] and fresh.config == d4
+    t_target.graphed.graphs[(9, 9, (), ())] = None  # gamma 8's verify captured as well: the faster one wins
+    fresh2 = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
+    fresh2.pairs = dict(fresh.pairs)
+    fresh2.start(engine)
+    assert fresh2.config == d8
 
 
 def test_host_time_per_forward_is_observed_and_charged_to_every_step(monkeypatch):

@@ -498,7 +498,10 @@ class Chooser:
                 score[self.budget] = max(self.rate(c) for c in self.candidates() if "middle" in ROLES[c.pipeline])
             self.budget = max(score, key=score.get)
         rates = [(c, self.rate(c)) for c in self.candidates()]
-        config, rate = max(rates, key=lambda x: x[1])
+        if self.new_tokens > 0:  # the least predicted time for the tokens asked, the captures it needs included
+            config, rate = min(rates, key=lambda x: self.new_tokens / x[1] + self.capture_ms(x[0]))
+        else:
+            config, rate = max(rates, key=lambda x: x[1])
         ar = 1.0 / self.ms("target", 1)
         self.why = self._why(config, rate, ar)
         if "draft" in roles and any(r > ar for c, r in rates if "draft" in ROLES[c.pipeline]):

@@ -180,9 +180,10 @@ def test_switching_configurations_between_rounds_is_lossless(setup, cycle):
 
 
 @torch.inference_mode()
-def test_a_retrieval_tier_switched_back_in_adopts_the_targets_kv(setup):
-    """A tier reading the target's KV catches up by adopting it (every position it missed is one the
-    target verified): no forward, and greedy output still equals the target's own greedy run."""
+def test_a_retrieval_tier_switched_back_in_catches_up_without_a_forward(setup):
+    """A tier reading the target's KV catches up without a forward (every position it missed is one
+    the target verified and holds) and keeps its selection; greedy output still equals the target's
+    own greedy run."""
     target, tiny, prompt = setup
     ar = SpeculativeEngine(tiers(target, tiny, "autoregressive"), 0.0, 1.0, prefill_chunk=64)
     want = ar.generate(prompt, 24, seed=0)
@@ -190,7 +191,7 @@ def test_a_retrieval_tier_switched_back_in_adopts_the_targets_kv(setup):
     eng = SpeculativeEngine(tier_list, 0.0, 1.0, prefill_chunk=64,
                             chooser=Alternating(tier_list, [((0, 1), (2,)), ((0,), ()), ((0,), ())]))
     assert eng.generate(prompt, 24, seed=0) == want
-    assert eng.catch_up_tokens == 0 and tier_list[1].stats.forwards > 0
+    assert eng.catch_up_tokens == 0 and tier_list[1].stats.forwards > 0 and tier_list[1].cache.selections == 1
 
 
 def test_broken_verifier_is_detected_when_switching(setup, monkeypatch):

@@ -560,10 +560,10 @@ class Chooser:
 
     def switch_cost(self, engine, config: Config) -> float:
         """Predicted ms to switch to `config`: the catch-up of each tier it adds (the tokens that tier
-        has not seen, fed in one step; one selection step for a tier reading the target's KV, which
-        adopts it instead; or what that tier's last switch-in took when that was more: a first step
-        of an odd size can cost a kernel compile). A switch pays only when the time it saves over
-        the remaining tokens exceeds this."""
+        has not seen, fed in one step, none for a tier reading the target's KV; or what that tier's
+        last switch-in took when that was more: a first step of an odd size can cost a kernel
+        compile), plus the graph captures its steps lack. A switch pays only when the time it saves
+        over the remaining tokens exceeds this."""
         using = {id(t) for t in engine.tiers}
         ms = 0.0
         for role in ROLES[config.pipeline]:
@@ -572,7 +572,7 @@ class Chooser:
                 continue
             missing = max(engine.lens[b] - 1 - c.length for b, c in enumerate(tier.cache.rows))
             if tier.cache.shares_target_kv:
-                missing = min(missing, 1)
+                missing = 0  # it reads what it missed from the target's store: no catch-up step
             ms += max(self.ms(role, max(1, missing)) if missing > 0 else 0.0, self.switch_in_ms.get(role, 0.0))
         return ms + self.capture_ms(config)
 

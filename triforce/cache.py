@@ -151,6 +151,11 @@ class KVCache:
         """Take over the target's prefill of `length` tokens; False: this cache needs its own prefill."""
         return False
 
+    def catch_up(self, length: int) -> bool:
+        """Advance over tokens up to `length` that the target verified while this tier sat out,
+        without a forward; False: this cache needs them fed."""
+        return False
+
     def reset(self) -> None:
         self.length = 0
 
@@ -596,6 +601,12 @@ class SelectionCache(KVCache):
         self.boundary, self.full_view = 0, True
         self.select_next, self.selecting, self.selected_at = True, False, 0
         self.selections = 0
+
+    def catch_up(self, length: int) -> bool:
+        """Verified tokens are read from the target's store (the tail since the selection), so the
+        selection stands and the length just moves on, as if this tier had run all along."""
+        self.length = max(self.length, length)
+        return True
 
     def adopt_prefix(self, length: int) -> bool:
         self.length = length

@@ -509,14 +509,14 @@ class SpeculativeEngine:
     def _bring_up(self, tier: Tier, progress: bool = False) -> int:
         """Feed `tier` every token before each row's last one that its caches lack (the prefill, or
         the catch-up of a tier switched in mid-run), row by row. A cache reading the target's KV
-        adopts it, at the start and at every catch-up: every position it lacks is one the target
-        has verified and holds, so a forward over them would write nothing it reads (and, as the
-        first eager step of its size, could cost a kernel compile: 3.4 s of a 5.2 s run on the
+        adopts its prefill, and at a catch-up just moves on: every position it lacks is one the
+        target has verified and holds, so a forward over them would write nothing it reads (and, as
+        the first eager step of its size, could cost a kernel compile: 3.4 s of a 5.2 s run on the
         H200). Returns the tokens fed."""
         fed = 0
         for b, cache in enumerate(tier.cache.rows):
             n = self.lens[b] - 1
-            if tier is not self.tiers[0] and (cache.length == 0 or cache.shares_target_kv) and cache.adopt_prefix(n):
+            if tier is not self.tiers[0] and (cache.adopt_prefix(n) if cache.length == 0 else cache.catch_up(n)):
                 continue
             chunks = range(cache.length, n, self.prefill_chunk)
             desc = f"prefill {tier.name}" + (f" (row {b})" if self.batch > 1 else "")

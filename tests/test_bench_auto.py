@@ -21,6 +21,24 @@ def test_real_pair_scenarios(tmp_path):
     # means over the tasks: AR 2.0, draft 2.0 (the best fixed; a tie with AR), auto 4.0 ms/token
     assert s["auto_worst_vs_ar"] == 0.5 and s["auto_worst_vs_best_fixed"] == 0.5
     assert s["scenarios"][0]["part"] == "pair (bench_real)"
+    assert "this_run" not in s  # only the real pair's rows: nothing of a run of its own to tell apart
+
+
+def test_the_summary_tells_this_runs_scenarios_from_the_real_pair_rows(tmp_path):
+    """The real pair's rows come from another run (maybe of older code): the summary also gives the
+    worst ratios over this run's own scenarios."""
+    injected = [{"rate": 0.9, "config": c, "ms_per_token": ms} for c, ms in [("autoregressive", 4.0), ("draft g=4", 2.0),
+                                                                              ("auto", 2.5)]]
+    pair = [{"system": f"triforce/{p}", "pipeline": p, "context": 8192, "temperature": 0.0, "ms_per_token": ms}
+            for p, ms in [("autoregressive", 2.0), ("draft", 1.0), ("auto", 4.0)]]
+    (tmp_path / "real.json").write_text(json.dumps({"settings": {"model": "pair"}, "rows": pair}))
+    (tmp_path / "auto.json").write_text(json.dumps({"injected": injected}))
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/bench_auto.py"), "--summarize-only", str(tmp_path / "auto.json"),
+                        "--real-json", str(tmp_path / "real.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "auto.json").read_text())["summary"]
+    assert s["auto_worst_vs_best_fixed"] == 0.25 and s["auto_worst_vs_ar"] == 0.5
+    assert s["this_run"] == {"auto_worst_vs_best_fixed": 0.8, "auto_worst_vs_ar": 1.6}
 
 
 def test_smoke_runs_the_offloaded_scenario(tmp_path):

@@ -7,7 +7,8 @@ own small kernel by default. `set_fused_reduce(True)` (or TRIFORCE_FUSED_REDUCE=
 same launch instead: each program counts itself done on a per-(row, head group) counter, and the
 last split to arrive combines them all and zeroes the counter for the next launch (or graph
 replay). That saves a launch per layer but was measured slower on an H200 (1.5B shape, AR at 32K:
-2.60 vs 1.59 ms), because one program then combines every split one after another. The keys are a
+2.60 vs 1.59 ms), because one program then combined every split one after another; it now loads
+4 splits at a time (not yet measured on the GPU). The keys are a
 *virtual* list: `n_sel_tok` tokens of selected chunks (positions idx*chunk + j, read in place
 from the store) followed by the contiguous tail [tail_start, tail_start + n_keys - n_sel_tok).
 All query heads of a GQA group share a program, so each K/V byte is read once per KV head.
@@ -57,7 +58,8 @@ if HAS_TRITON:
                         CHUNK: tl.constexpr, SPARSE: tl.constexpr, D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         STORE_LSE: tl.constexpr, PREC: tl.constexpr, DEVICE_LEN: tl.constexpr,
-                        FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False):
+                        FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
+                        COMBINE: tl.constexpr = 4):
         pdl_wait(PDL)
         split, bk, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # bk = b * KVH + kvh
         b, kvh = (bk // KVH).to(tl.int64), bk % KVH  # int64: b * sk_b can pass 2**31 in a [B, L, ...] store
@@ -112,22 +114,28 @@ if HAS_TRITON:
             slot = COUNT + bk * tl.num_programs(2) + mb
             if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
                 # the last split of this block of rows: combine every split's output by its
-                # log-sum-exp (read past L1, which may not hold the other programs' stores)
+                # log-sum-exp (read past L1, which may not hold the other programs' stores),
+                # COMBINE splits per load, so the chain of dependent loads is n_splits / COMBINE long
+                sp0 = tl.arange(0, COMBINE)
                 mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                for sp in range(0, n_splits):
-                    ls = tl.load(LSE + sp * sl_s + bk * G * T + r, mask=row_ok, other=float("-inf"),
-                                 cache_modifier=".cg")
-                    mx = tl.maximum(mx, ls)
+                for s0 in range(0, n_splits, COMBINE):
+                    ok = ((s0 + sp0)[:, None] < n_splits) & row_ok[None, :]
+                    ls = tl.load(LSE + (s0 + sp0)[:, None] * sl_s + bk * G * T + r[None, :], mask=ok,
+                                 other=float("-inf"), cache_modifier=".cg")
+                    mx = tl.maximum(mx, tl.max(ls, 0))
                 mx = tl.where(mx == float("-inf"), 0.0, mx)  # a row no split saw: weights 0, output 0
                 den = tl.zeros([BLOCK_M], tl.float32)
                 num = tl.zeros([BLOCK_M, D], tl.float32)
-                for sp in range(0, n_splits):
-                    w = tl.math.exp2(tl.load(LSE + sp * sl_s + bk * G * T + r, mask=row_ok, other=float("-inf"),
-                                             cache_modifier=".cg") - mx)
-                    o = tl.load(O + sp * so_s + b * so_b + head[:, None] * so_h + t[:, None] * so_t + d[None, :],
-                                mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-                    den += w
-                    num += o * w[:, None]
+                for s0 in range(0, n_splits, COMBINE):
+                    sp = (s0 + sp0)[:, None]
+                    ok = (sp < n_splits) & row_ok[None, :]
+                    w = tl.math.exp2(tl.load(LSE + sp * sl_s + bk * G * T + r[None, :], mask=ok,
+                                             other=float("-inf"), cache_modifier=".cg") - mx[None, :])
+                    o = tl.load(O + sp[:, :, None] * so_s + b * so_b + head[None, :, None] * so_h
+                                + t[None, :, None] * so_t + d[None, None, :],
+                                mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
+                    den += tl.sum(w, 0)
+                    num += tl.sum(o * w[:, :, None], 0)
                 res = num / tl.maximum(den, 1.0e-30)[:, None]
                 tl.store(OUT + b * sout_b + head[:, None] * sout_h + t[:, None] * sout_t + d[None, :],
                          res.to(OUT.dtype.element_ty), mask=row_ok[:, None])

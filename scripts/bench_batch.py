@@ -109,11 +109,17 @@ def fake_prefill(tiers: list[Tier], ctx: int, device, seconds: list[float]):
     return prefill
 
 
+def injected_rates(pipeline: str, rate: float) -> dict[int, float]:
+    """The benchmark-only acceptance switch per verifying tier: the target's at `rate`, and in
+    three tiers the retrieval tier accepting the tiny's at 0.8."""
+    return {} if pipeline == "autoregressive" else ({0: rate, 1: 0.8} if pipeline == "triforce" else {0: rate})
+
+
 def engine_run(tiers: list[Tier], pipeline: str, rate: float, batch: int, ctx: int, new: int, device) -> dict:
     """One timed `generate_batch` of `new` tokens per row after `ctx`-token prompts (random KV),
     after an identical untimed run that captures the graphs. Decode time only: the stand-in
     prefill (the tiny's window, per row) is subtracted."""
-    inject = {} if pipeline == "autoregressive" else ({0: rate, 1: 0.8} if pipeline == "triforce" else {0: rate})
+    inject = injected_rates(pipeline, rate)
     # per-tier GPU time from CUDA events around each forward (read once at the end, no extra sync)
     eng = SpeculativeEngine(tiers, 0.6, 1.0, injected_acceptance=inject, gpu_timing=device.type == "cuda")
     prefill_s = [0.0]
@@ -241,7 +247,7 @@ def run_shape(name: str, batches: list[int], new: int, bw: float, device, smoke:
 
 
 def continuous_run(model, tiny, pipeline: str, rate: float, batch: int, ctx: int, new: int, gamma: int,
-                   tiny_gamma: int, budget: int, device) -> dict:
+                   device) -> dict:
     """Mixed-length jobs on `batch` rows, two ways, side by side: static batches (each group of
     `batch` jobs runs to its longest; finished rows ride along masked) and continuous batching (a
     waiting job takes a finished row between target rounds). 4 x batch jobs of `ctx`-token random
@@ -253,8 +259,8 @@ def continuous_run(model, tiny, pipeline: str, rate: float, batch: int, ctx: int
     maxes = [choices[int(i)] for i in torch.randint(0, len(choices), (n_jobs,), generator=g)]
     vocab = model.args.vocab_size
     prompts = [torch.randint(0, vocab, (ctx,), generator=g) for _ in range(n_jobs)]
-    inject = {} if pipeline == "autoregressive" else ({0: rate, 1: 0.8} if pipeline == "triforce" else {0: rate})
-    tiers = make_tiers(model, tiny, pipeline, batch, ctx + 2 * new + 64, gamma, tiny_gamma, budget, device.type == "cuda")
+    inject = injected_rates(pipeline, rate)
+    tiers = make_tiers(model, tiny, pipeline, batch, ctx + 2 * new + 64, gamma, 0, 2048, device.type == "cuda")
     eng = SpeculativeEngine(tiers, 0.6, 1.0, injected_acceptance=inject)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     eng.generate_batch(prompts[:batch], min(new, 8), seeds=list(range(batch)))  # untimed: captures graphs
@@ -294,8 +300,7 @@ def run_continuous(batches: list[int], new: int, ctx: int, device, smoke: bool) 
         tiny = build_model(ta, None, device, dtype, seed=1).eval()
         for batch in batches:
             for pipeline, rate, gamma in (("autoregressive", 0.0, 0), ("draft", 0.9, 4)):
-                rows.append(continuous_run(model, tiny, pipeline, rate, batch, ctx, new, gamma, 0, 32 if smoke else 2048,
-                                           device))
+                rows.append(continuous_run(model, tiny, pipeline, rate, batch, ctx, new, gamma, device))
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()

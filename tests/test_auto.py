@@ -170,8 +170,8 @@ def test_a_switch_counts_the_graph_captures_its_steps_lack(monkeypatch):
     chooser = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
 
     def graphed(sizes, have):
-        return SimpleNamespace(capture=True, sizes=sizes, graphs={(n, n, (), ()): None for n in have}, failed=set(),
-                               captures=0, capture_seconds=0.0, warmup=2)
+        return SimpleNamespace(capture=True, sizes=sizes, tried_sizes=set(have), captures=0, capture_seconds=0.0,
+                               warmup=2)
     t_target.graphed, t_tiny.graphed = graphed({1, 5, 6, 9, 10}, {1, 5}), graphed({1, 2, 3}, {1})
     assert chooser.capture_ms(auto.Config("draft", (4,))) == 0.0  # both steps captured
     assert chooser.capture_ms(auto.Config("draft", (8,))) == pytest.approx(3 * 10.0)  # target's 9: 2 warm-ups + 1
@@ -204,7 +204,7 @@ def test_a_switch_counts_the_graph_captures_its_steps_lack(monkeypatch):
     engine.bring_up_now = lambda tier: None
     fresh.start(engine)
     assert used == [[4]] and fresh.config == d4
-    t_target.graphed.graphs[(9, 9, (), ())] = None  # gamma 8's verify captured as well: the faster one wins
+    t_target.graphed.tried_sizes.add(9)  # gamma 8's verify captured as well: the faster one wins
     fresh2 = auto.Chooser(settings, t_target, {}, t_tiny, "test", prompt_len=48, new_tokens=100)
     fresh2.pairs = dict(fresh.pairs)
     fresh2.start(engine)

@@ -462,7 +462,7 @@ class Chooser:
     def _captures(self) -> tuple[int, float]:
         """CUDA-graph captures of this chooser's tiers so far in the process: how many, and seconds."""
         graphed = [t.graphed for t in self.tiers if t.graphed is not None]
-        return sum(getattr(g, "captures", 0) for g in graphed), sum(getattr(g, "capture_seconds", 0.0) for g in graphed)
+        return sum(g.captures for g in graphed), sum(g.capture_seconds for g in graphed)
 
     def tps(self, rate: float) -> float:
         """Tokens per second of the whole batch at `rate` (expected tokens per ms of one row)."""
@@ -585,10 +585,10 @@ class Chooser:
         ms = 0.0
         for level, role in enumerate(roles):
             graphed = self.tier(role).graphed
-            if graphed is None or not getattr(graphed, "capture", False):
+            if graphed is None or not graphed.capture:
                 continue
             size = 1 if level == len(roles) - 1 else config.gammas[level] + 1
-            if size not in graphed.sizes or any(k and k[0] == size for k in (*graphed.graphs, *graphed.failed)):
+            if size not in graphed.sizes or size in graphed.tried_sizes:
                 continue
             if graphed.captures:
                 ms += 1e3 * graphed.capture_seconds / graphed.captures

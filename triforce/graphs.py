@@ -99,6 +99,7 @@ class GraphedModel:
         self.failed: set[tuple] = set()  # keys whose capture failed: eager from then on, never retried
         self.warned = False
         self.capture_seconds, self.captures = 0.0, 0  # wall time of the captures (warm-up and compiles included)
+        self.tried_sizes: set[int] = set()  # step sizes captured or tried (what a new configuration need not pay)
         self.pool = None  # one memory pool shared by this model's graphs (a handle, so cleanup can name it)
         self.batch = len(cache.rows)  # rows of each step (a `Rows` cache serves a batch)
         self.uniform = torch.zeros(self.batch, model.args.vocab_size, device=model.device)  # noise of in-graph draws
@@ -218,6 +219,7 @@ class GraphedModel:
             self.cache.prepare(n_new)
             self.capture_seconds += time.perf_counter() - t0
             self.captures += 1
+            self.tried_sizes.add(n_new)
         if key not in self.graphs:
             self.cache.graph_mode = True
             try:

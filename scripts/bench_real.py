@@ -56,7 +56,7 @@ class ReplayEngine(SpeculativeEngine):
         self.counts = {level: list(c) for level, c in counts.items()}
         self.position = {level: 0 for level in counts}
 
-    def _injected(self, level: int, rate: float, g: int) -> torch.Tensor:
+    def _injected(self, level: int, rate: float, g: int, start) -> torch.Tensor:
         i, c = self.position[level], self.counts[level]
         self.position[level] = i + 1
         n = min(g, c[i]) if i < len(c) else 0  # past the recorded rounds: reject (never seen in practice)

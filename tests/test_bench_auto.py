@@ -51,3 +51,36 @@ def test_smoke_runs_the_offloaded_scenario(tmp_path):
     res = json.loads(out.read_text())
     assert {row["config"] for row in res["offloaded"]} >= {"autoregressive", "auto", "triforce g=24/6"}
     assert res["summary"]["scenarios"][0]["part"].startswith("7B injected, offloaded")
+
+
+def judged_positions(accepts: list[int], gamma: int, first: int) -> tuple[set[int], set[int]]:
+    """Positions a target's rounds tested, and those it rejected, from its accept counts per round."""
+    tested, rejected, s = set(), set(), first
+    for a in accepts:
+        tested.update(range(s, s + min(a + 1, gamma)))
+        if a < gamma:
+            rejected.add(s + a)
+        s += a + 1
+    return tested, rejected
+
+
+def test_injected_target_decisions_are_fixed_per_position(models):
+    """Benchmarks compare gammas and pipelines at an injected rate: the target's decision at a
+    position is the same whatever gamma drafted it (common random numbers), so the best fixed
+    configuration is not just the one with the luckiest draws. Per-round draws fail this."""
+    import torch
+    from test_batch import tiers
+    from triforce.engine import SpeculativeEngine
+
+    target, tiny = models
+    prompt = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for g in (3, 7):
+        ts = tiers(target, tiny, "draft", 1)
+        ts[0].gamma = g
+        SpeculativeEngine(ts, 1.0, 1.0, prefill_chunk=64, injected_acceptance={0: 0.6}).generate(prompt, 80, seed=5)
+        runs[g] = judged_positions(ts[0].stats.accepts, g, len(prompt))
+    (tested3, rejected3), (tested7, rejected7) = runs[3], runs[7]
+    both = tested3 & tested7
+    assert len(both) > 30 and len(rejected3 & both) > 5
+    assert rejected3 & both == rejected7 & both

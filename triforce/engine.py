@@ -153,6 +153,7 @@ class SpeculativeEngine:
         self.streams = RowStreams(seeds, self.device)
         # BENCHMARK ONLY: the coin flips of injected acceptance (not the rows' streams)
         self.injection_generator = torch.Generator(device=self.device).manual_seed(seeds[0])
+        self.injection_uniforms = None  # the target's, one per row and position (drawn on first use)
         self.live = [True] * self.batch  # rows still generating (the top level's mask)
 
     def _positions(self, starts: torch.Tensor, t: int) -> torch.Tensor:
@@ -281,7 +282,7 @@ class SpeculativeEngine:
                 p, _ = self._distributions(level, g + 1)
                 rate = self._injected_rate(level)
                 if rate is not None:
-                    n_t = self._injected(level, rate, g)
+                    n_t = self._injected(level, rate, g, start_t if batch > 1 else start)
                     nxt = sample(p[torch.arange(batch, device=p.device), n_t],
                                  uniform=self.streams.uniform(p.shape[-1], live))
                 else:
@@ -354,10 +355,29 @@ class SpeculativeEngine:
             return None
         return inj.get(level, inj.get((self.tiers[level].name, self.tiers[level + 1].name)))
 
-    def _injected(self, level: int, rate: float, g: int) -> torch.Tensor:
-        """Accepted drafts [B] of a round of tier `level` at an injected per-token rate (a benchmark
-        may replay recorded counts per level instead). Drawn from a generator of their own."""
-        ok = torch.rand(self.batch, g, generator=self.injection_generator, device=self.device) < rate
+    def _injected(self, level: int, rate: float, g: int, start: torch.Tensor | list[int]) -> torch.Tensor:
+        """Accepted drafts [B] of a round of tier `level` at an injected per-token rate, the drafts
+        sitting at positions start[b] .. start[b] + g - 1 (a benchmark may replay recorded counts
+        per level instead). Drawn from a generator of their own, not the rows' streams.
+
+        The target's decisions are fixed per position, not per round: the draft at row b's position
+        p passes iff u[b, p] < rate, with u drawn once per generation from the seed. Any gamma or
+        pipeline run with the same seed then meets the same hard positions, as a real text has them
+        (common random numbers): comparing configurations compares them, not the luck of their
+        draws (per-round draws had a fixed gamma 16 draw 10.4 tokens per round where 8.3 were
+        expected, and the best of ten fixed runs was mostly the luckiest). Lower tiers' drafts are
+        re-tested after the target rolls them back, in a changed context, so theirs stay fresh
+        draws per round."""
+        if level > 0:
+            ok = torch.rand(self.batch, g, generator=self.injection_generator, device=self.device) < rate
+            return ok.cumprod(1).sum(1)
+        if self.injection_uniforms is None:
+            positions = torch.Generator(device=self.device).manual_seed(self.injection_generator.initial_seed() + 1)
+            self.injection_uniforms = torch.rand(self.batch, self.seqs.shape[1] + 1, generator=positions,
+                                                 device=self.device)
+        starts = torch.as_tensor(start, device=self.device).view(-1, 1)
+        idx = (starts + torch.arange(g, device=self.device)).clamp_(max=self.seqs.shape[1])
+        ok = self.injection_uniforms.gather(1, idx) < rate
         return ok.cumprod(1).sum(1)
 
     # -------------------------------------------------------------------------------- public

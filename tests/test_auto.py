@@ -229,6 +229,12 @@ def test_host_time_per_forward_is_observed_and_charged_to_every_step(monkeypatch
     chooser.config = draft
     engine = SimpleNamespace()
     chooser._observe_host(engine)  # the mark
+    # the generation's first stretch does once-per-prompt work (a selection, first replays): left out
+    t0, before, config, captures = chooser._mark
+    chooser._mark = (t0 - 0.5, before, config, captures)
+    t_target.stats.forwards += 1
+    chooser._observe_host(engine)
+    assert chooser.host_ms == 0.0 and chooser.host_forwards == 0
     t0, before, config, captures = chooser._mark
     # 3 rounds: 3 target verifications (10 ms) and 12 draft steps (1 ms) in 42 + 2 x 15 ms of wall
     chooser._mark = (t0 - (42 + 30) / 1e3, before, config, captures)

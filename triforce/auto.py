@@ -105,7 +105,8 @@ class AutoSettings:
         return max(self.gammas) + max(self.draft_gammas) + 2
 
 
-def _int_or_auto(value, key: str, minimum: int = 1) -> int | None:
+def int_or_auto(value, key: str, minimum: int = 1) -> int | None:
+    """None for `auto`, else `value` checked to be an integer >= minimum (ValueError naming `key`)."""
     if isinstance(value, str) and value.lower() == "auto":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -121,9 +122,9 @@ def resolve(cfg: DictConfig, tp: int = 1) -> AutoSettings:
     chunk = cfg.cache.chunk_size
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"cache.chunk_size must be an integer >= 1, got {chunk!r}")
-    gamma = _int_or_auto(cfg.gamma, "gamma")
-    draft_gamma = _int_or_auto(cfg.draft.gamma, "draft.gamma")
-    budget = _int_or_auto(cfg.cache.budget, "cache.budget", minimum=chunk)
+    gamma = int_or_auto(cfg.gamma, "gamma")
+    draft_gamma = int_or_auto(cfg.draft.gamma, "draft.gamma")
+    budget = int_or_auto(cfg.cache.budget, "cache.budget", minimum=chunk)
     if tp > 1:
         cfg.pipeline = TP_DEFAULTS["pipeline"] if cfg.pipeline == "auto" else cfg.pipeline
         cfg.gamma = gamma = gamma or TP_DEFAULTS["gamma"]
@@ -304,6 +305,7 @@ class Chooser:
         # observed over the run: wall ms minus the steps' predicted ms, over the forwards run
         self.host_excess_ms, self.host_forwards = 0.0, 0
         self._mark: tuple | None = None
+        self._first_stretch = True  # the generation's first stretch is left out of the host time
         self._captured_before = 0.0  # graph-capture seconds of the tiers before the decode started
         self._curves: dict[str, dict[int, float]] = {}  # cost-table entries as `ms` reads them, by key
         self.why = ""
@@ -440,7 +442,11 @@ class Chooser:
         their step (SmolLM2 on a GPU; any model on a CPU), which favours fewer, longer steps.
         A stretch in which a CUDA graph was captured is left out: a capture's warm-up and compiles
         are one-off (on the H200 they made 0.71 ms per forward of a 7B run whose steady host cost
-        was 0.13-0.27, and the chooser then took gamma 6 where 16 won)."""
+        was 0.13-0.27, and the chooser then took gamma 6 where 16 won). So is the generation's first
+        stretch: its first rounds do once-per-prompt work (the retrieval tier's selection over the
+        prompt, each graph's first replay), 40-110 ms at 64K on the H200, which as host time made
+        1-2 ms per forward, sent a 7B run to the tiny draft's short rounds and took a hundred tokens
+        to wash out (the fixed pipelines pay that work too, once)."""
         now = time.perf_counter()
         forwards = {id(t): t.stats.forwards for t in self.tiers}
         captures = self._captures()[0]
@@ -454,7 +460,9 @@ class Chooser:
                 size = 1 if level == len(roles) - 1 else self.config.gammas[level] + 1
                 predicted += k * self.ms(role, size)
                 n += k
-            if n:
+            if n and self._first_stretch:
+                self._first_stretch = False
+            elif n:
                 self.host_excess_ms += 1e3 * (now - t0) - predicted
                 self.host_forwards += n
         self._mark = (now, forwards, self.config, captures)

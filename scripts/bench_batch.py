@@ -39,6 +39,7 @@ import torch
 from bench_speed import LLAMA2_7B, QWEN05, QWEN15, copy_bandwidth, cuda_time, gpu_tag
 from triforce.cache import FullCache, RetrievalCache, Rows, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
+from triforce.generator import resolve_prefill_chunk
 from triforce.graphs import GraphedModel, graph_sizes
 from triforce.models.llama import ModelArgs, build_model
 
@@ -63,14 +64,14 @@ def pipelines(family: str) -> list[tuple[str, float, int, int]]:
 
 
 def make_tiers(model, tiny, pipeline: str, batch: int, capacity: int, gamma: int, tiny_gamma: int,
-               budget: int, graphs: bool) -> list[Tier]:
+               budget: int, graphs: bool, prefill_chunk: int = 512) -> list[Tier]:
     full = Rows.build(lambda b: FullCache(model, capacity), batch)
     tiers = [Tier("target", model, full, gamma=gamma)]
     if pipeline in ("retrieval", "triforce"):
         tiers.append(Tier("retrieval", model, Rows.build(lambda b: RetrievalCache(full.rows[b], model, budget, 8), batch),
                           gamma=tiny_gamma))
     if pipeline in ("draft", "triforce"):
-        tiers.append(Tier("tiny", tiny, Rows.build(lambda b: StreamingCache(tiny, 16, 496, slack=64, max_forward=512),
+        tiers.append(Tier("tiny", tiny, Rows.build(lambda b: StreamingCache(tiny, 16, 496, slack=64, max_forward=max(512, prefill_chunk)),
                                                    batch)))
     if graphs:
         for level, t in enumerate(tiers):
@@ -260,8 +261,9 @@ def continuous_run(model, tiny, pipeline: str, rate: float, batch: int, ctx: int
     vocab = model.args.vocab_size
     prompts = [torch.randint(0, vocab, (ctx,), generator=g) for _ in range(n_jobs)]
     inject = injected_rates(pipeline, rate)
-    tiers = make_tiers(model, tiny, pipeline, batch, ctx + 2 * new + 64, gamma, 0, 2048, device.type == "cuda")
-    eng = SpeculativeEngine(tiers, 0.6, 1.0, injected_acceptance=inject)
+    chunk = resolve_prefill_chunk("auto", device)  # what a Generator prefills with on this device
+    tiers = make_tiers(model, tiny, pipeline, batch, ctx + 2 * new + 64, gamma, 0, 2048, device.type == "cuda", chunk)
+    eng = SpeculativeEngine(tiers, 0.6, 1.0, chunk, injected_acceptance=inject)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     eng.generate_batch(prompts[:batch], min(new, 8), seeds=list(range(batch)))  # untimed: captures graphs
     ways = {}
@@ -281,7 +283,7 @@ def continuous_run(model, tiny, pipeline: str, rate: float, batch: int, ctx: int
     for t in tiers:
         t.graphed = None
     row = {"pipeline": pipeline, "batch": batch, "context": ctx, "jobs": n_jobs, "injected": rate if inject else None,
-           "gamma": gamma, "new_tokens": sorted(set(maxes)), "tokens_asked": sum(maxes), **ways,
+           "gamma": gamma, "prefill_chunk": chunk, "new_tokens": sorted(set(maxes)), "tokens_asked": sum(maxes), **ways,
            "continuous_over_static": ways["continuous"]["tokens_per_second"] / ways["static"]["tokens_per_second"],
            "continuous_over_static_decode": (ways["continuous"]["decode_tokens_per_second"]
                                              / ways["static"]["decode_tokens_per_second"])}

@@ -235,7 +235,7 @@ def test_plan_refusals_name_the_numbers():
     with pytest.raises(ValueError, match=r"offloading 32 of 32 target layers needs 64\.0 GiB of pinned host "
                                          r"memory but 32\.0 GiB is available"):
         plan(24, host_gib=32)
-    with pytest.raises(ValueError, match=r"131072 tokens need 83\.7 GiB of GPU memory \(target KV 64\.0 GiB\) but "
+    with pytest.raises(ValueError, match=r"131072 tokens need 83\.6 GiB of GPU memory \(target KV 64\.0 GiB\) but "
                                          r"80\.0 GiB is available: set offload=auto"):
         plan(80, offload="false")
     with pytest.raises(ValueError, match=r"retrieval chunk summaries 4\.0\) but 16\.0 GiB is available"):

@@ -142,7 +142,9 @@ def plan_memory(args: ModelArgs, context: int, budget: int, gamma: int, draft_ar
         draft = (weight_memory(draft_args, dtype_bytes) if draft_owns_weights else 0) \
             + batch * draft_cache_tokens * draft_args.kv_bytes_per_token(dtype_bytes)
     width = 4 * args.dim + 3 * args.intermediate_size + (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-    workspace = (prefill_chunk * args.vocab_size * 4  # logits (float32)
+    # float32 logits (and the sampling head's copies) only for the rows a step keeps: a prefill
+    # chunk's forward stops before the LM head
+    workspace = ((gamma + 2) * batch * args.vocab_size * (4 * 4 + 8)
                  + 2 * prefill_chunk * width * dtype_bytes  # one prefill chunk's activations
                  + (SELECT_BLOCK * args.n_kv_heads * args.head_dim * (dtype_bytes + 4) if budget else 0)
                  + MARGIN)

@@ -363,3 +363,35 @@ def test_greedy_auto_equals_autoregressive_smollm2(smollm2_gens, cost_dir, monke
     r = gen.generate(ids, max_new_tokens=32)
     assert r.token_ids == ar.generate(ids, max_new_tokens=32).token_ids
     assert r.stats["auto"]["choice"] != "autoregressive"
+
+
+def test_a_pair_left_after_a_few_rounds_counts_at_its_optimistic_estimate(monkeypatch):
+    """A pipeline left after a few unlucky rounds gets another look: a pair the running configuration
+    does not judge, but judged before, counts at its estimate plus one standard deviation; the
+    running configuration's pairs and never-judged ones count at their estimates (a prior)."""
+    target, tiny = peaky_model(1), peaky_model(3)
+    t_target = Tier("target", target, FullCache(target, 200))
+    t_tiny = Tier("tiny", tiny, StreamingCache(tiny, 2, 8, slack=48, max_forward=64))
+    costs = {"target": {1: 10.0, 17: 12.0}, "middle": {1: 2.0, 9: 2.5}, "draft": {1: 0.5}}
+    monkeypatch.setattr(auto.Chooser, "ms", lambda self, role, t: auto.interpolate(costs[role], t))
+    settings = auto.AutoSettings(tuple(auto.ROLES), (4, 8, 16), (4,), (256,))
+    chooser = auto.Chooser(settings, t_target, {256: t_target}, t_tiny, "test", prompt_len=48, new_tokens=100)
+    chooser.budget = 256
+    left = auto.Pair(0.95, 12, 9, 3)  # three rounds of 12 tokens landed on hard positions
+    chooser.pairs = {("target", "middle256"): left, ("middle", "draft"): auto.Pair(0.8, 40, 30, 5),
+                     ("target", "draft"): auto.Pair(0.7, 40, 20, 8)}
+    sd = (left.estimate * (1 - left.estimate) / 22) ** 0.5
+    assert left.optimistic == pytest.approx(left.estimate + sd)
+    tri = auto.Config("triforce", (16, 4))
+    chooser.config = tri  # running: its own pairs at their estimates
+    assert chooser.acceptance("target", "middle") == left.estimate
+    at_estimate = chooser.rate(tri)
+    chooser.config = auto.Config("draft", (4,))  # left for the tiny draft: the retrieval pair is not judged now
+    assert chooser.acceptance("target", "middle") == left.optimistic
+    assert chooser.acceptance("target", "draft") == chooser.pairs["target", "draft"].estimate
+    assert chooser.rate(tri) > at_estimate
+    fresh = auto.Pair(0.95)
+    chooser.pairs["target", "middle256"] = fresh  # never judged: its prior, no optimism on top
+    assert chooser.acceptance("target", "middle") == fresh.estimate == 0.95
+    judged = auto.Pair(0.95, 1200, 900, 300)  # many rounds: the optimism has shrunk to ~0.01
+    assert judged.optimistic - judged.estimate < 0.015

@@ -22,6 +22,9 @@ tier and the self-draft on prose, 0.62-0.97), so speculation starts only where i
 ordinary acceptance; for the retrieval tier it rises with the budget (0.65 at 256 to 0.95 at
 4096, fitted to the README's acceptance table and TriForce's ~0.9 at 4K), which is what picks
 `cache.budget=auto`. Ten pseudo-tokens are about two rounds, so observations dominate quickly.
+A pair that the running configuration does not judge but that was judged before counts at its
+estimate plus one standard deviation (`Pair.optimistic`): a pipeline left after a few unlucky
+rounds gets another look, less and less of one as its rounds add up.
 Each call starts from the prior again (no memory across calls), so a Generator's calls stay
 reproducible: the same prompt and seed give the same tokens once the step costs are cached.
 
@@ -264,6 +267,14 @@ class Pair:
         """Per-token acceptance: accepted over judged draft tokens, with PRIOR_WEIGHT pseudo-tokens."""
         return (self.accepted + self.prior * PRIOR_WEIGHT) / (self.accepted + self.rejections + PRIOR_WEIGHT)
 
+    @property
+    def optimistic(self) -> float:
+        """The estimate plus one standard deviation of it (at most 0.99): what a pair the running
+        configuration no longer observes is credited with, so a few unlucky rounds do not keep its
+        pipeline out for the rest of the run (the uncertainty shrinks as its rounds add up)."""
+        a, n = self.estimate, self.accepted + self.rejections + PRIOR_WEIGHT
+        return max(a, min(0.99, a + math.sqrt(a * (1.0 - a) / n)))
+
 
 class Chooser:
     """Picks the configuration before each target round (`SpeculativeEngine(..., chooser=)`).
@@ -414,6 +425,17 @@ class Chooser:
             self.pairs[key] = Pair(budget_prior(self.budget) if lower == "middle" else PRIOR_ACCEPTANCE)
         return self.pairs[key]
 
+    def acceptance(self, upper: str, lower: str) -> float:
+        """The pair's estimate if the running configuration observes it or it was never observed (its
+        prior), else its optimistic estimate. In the H200 runs the first rounds of the 7B shape landed
+        on hard positions: after 12 tokens of triforce 12/6 the chooser moved to the tiny draft alone,
+        which never judges the retrieval tier, so that pair's low early estimate stood; it came back
+        at 6/6 and climbed to 8/8 or 12/8 over the rest of the run (0.85x and 0.67x the best fixed
+        gamma 16 at 0.9 and 0.95)."""
+        p = self.pair(upper, lower)
+        running = self.config is not None and (upper, lower) in zip(ROLES[self.config.pipeline], ROLES[self.config.pipeline][1:])
+        return p.estimate if running or p.accepted + p.rejections == 0 else p.optimistic
+
     def rate(self, config: Config) -> float:
         """Expected target tokens per ms of `config`: one target round's expected tokens over its cost
         (the tier below producing gamma tokens, then the target verifying gamma + 1)."""
@@ -423,13 +445,13 @@ class Chooser:
             if level == len(roles) - 1:
                 return n * (self.ms(roles[level], 1) + h)
             g = config.gammas[level]
-            e = expected_tokens(self.pair(roles[level], roles[level + 1]).estimate, g)
+            e = expected_tokens(self.acceptance(roles[level], roles[level + 1]), g)
             return max(1.0, n / e) * (produce(level + 1, g) + self.ms(roles[level], g + 1) + h)
 
         if len(roles) == 1:
             return 1.0 / (self.ms("target", 1) + h)
         g = config.gammas[0]
-        return expected_tokens(self.pair("target", roles[1]).estimate, g) / (produce(1, g) + self.ms("target", g + 1) + h)
+        return expected_tokens(self.acceptance("target", roles[1]), g) / (produce(1, g) + self.ms("target", g + 1) + h)
 
     @property
     def host_ms(self) -> float:

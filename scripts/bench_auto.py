@@ -340,8 +340,10 @@ def main() -> None:
                         "offload_context": args.offload_context, "offload_new_tokens": args.offload_new,
                         "offload_gib": args.offload_gib,
                         "tiny_direct_rate": TINY_DIRECT_RATE, "overrides": overrides,
-                        "injected_acceptance": "benchmark-only switch (part 1): accept/reject decisions drawn at the "
-                                               "given rate per (verifier, drafter) pair; part 2 is real"}}
+                        "injected_acceptance": "benchmark-only switch (parts 1 and 3), rate per (verifier, drafter) "
+                                               "pair: the target's decisions fixed per position by the seed (every "
+                                               "configuration meets the same hard positions), lower tiers' drawn per "
+                                               "round; part 2 is real"}}
     torch.manual_seed(0)
     if 1 in args.part:
         injected(args, out)

@@ -3,14 +3,10 @@
 Few queries over many keys: one program per (key split, KV head, block of query rows) runs an
 online softmax over its slice of the keys, then a reduce combines the splits by their
 log-sum-exp. Splitting the keys is what spreads one decode step over all SMs. The reduce is its
-own small kernel by default. `set_fused_reduce(True)` (or TRIFORCE_FUSED_REDUCE=1) runs it in the
-same launch instead: each program counts itself done on a per-(row, head group) counter, and the
-last split to arrive combines them all and zeroes the counter for the next launch (or graph
-replay). That saves a launch per layer but was measured slower on an H200 (1.5B shape, AR at 32K:
-2.60 vs 1.59 ms), because one program then combined every split one after another; it now loads
-4 splits at a time (not yet measured on the GPU). The keys are a
-*virtual* list: `n_sel_tok` tokens of selected chunks (positions idx*chunk + j, read in place
-from the store) followed by the contiguous tail [tail_start, tail_start + n_keys - n_sel_tok).
+own small kernel (combining the splits inside the same launch, the last split to finish doing the
+combine, was measured slower on an H200 and removed). The keys are a *virtual* list: `n_sel_tok`
+tokens of selected chunks (positions idx*chunk + j, read in place from the store) followed by the
+contiguous tail [tail_start, tail_start + n_keys - n_sel_tok).
 All query heads of a GQA group share a program, so each K/V byte is read once per KV head.
 Masking is bottom-right causal over the virtual list: query t sees keys n <= n_keys - T + t
 (what `triforce.cache.attention` does on the concatenated keys).
@@ -19,47 +15,21 @@ lengths, so a batched step of sequences of different lengths is still one launch
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ._common import HAS_TRITON, check_head_dim, next_pow2, pdl_wait, target_programs, tl, triton, use_pdl
 
-_FUSED_REDUCE = {"on": os.environ.get("TRIFORCE_FUSED_REDUCE", "0") == "1"}
-COUNTER_SLOTS = 1 << 16  # (row, KV head, query block) counters per device, zero between launches
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def set_fused_reduce(on: bool) -> None:
-    """Combine the key splits inside the split-K launch (True) or in a second kernel (False, the default)."""
-    _FUSED_REDUCE["on"] = bool(on)
-
-
-def _counter(device: torch.device, n: int) -> torch.Tensor | None:
-    """The device's zeroed arrival counters, or None (then the separate reduce runs). Made once, never
-    while a CUDA graph is being captured (a captured allocation would be re-zeroed by a memset node
-    at every replay and live in the graph's pool), and never freed: captured graphs keep its address."""
-    if n > COUNTER_SLOTS:
-        return None
-    c = _counters.get(device)
-    if c is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        c = _counters[device] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return c
-
 if HAS_TRITON:
 
     @triton.jit
-    def _partial_kernel(Q, K, V, IDX, O, LSE, NK, TS, COUNT, OUT,
+    def _partial_kernel(Q, K, V, IDX, O, LSE, NK, TS,
                         sq_b, sq_h, sq_t, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, si_b, si_h, snk, sts,
-                        so_s, so_b, so_h, so_t, sl_s, sout_b, sout_h, sout_t,
-                        n_sel_tok, tail_start, n_keys, T, G, KVH, keys_per_split, scale_log2, n_splits,
+                        so_s, so_b, so_h, so_t, sl_s,
+                        n_sel_tok, tail_start, n_keys, T, G, KVH, keys_per_split, scale_log2,
                         CHUNK: tl.constexpr, SPARSE: tl.constexpr, D: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         STORE_LSE: tl.constexpr, PREC: tl.constexpr, DEVICE_LEN: tl.constexpr,
-                        FUSED_REDUCE: tl.constexpr = False, PDL: tl.constexpr = False,
-                        COMBINE: tl.constexpr = 4):
+                        PDL: tl.constexpr = False):
         pdl_wait(PDL)
         split, bk, mb = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # bk = b * KVH + kvh
         b, kvh = (bk // KVH).to(tl.int64), bk % KVH  # int64: b * sk_b can pass 2**31 in a [B, L, ...] store
@@ -108,38 +78,6 @@ if HAS_TRITON:
         if STORE_LSE:  # log2 units; -inf where this split saw no visible key
             lse = tl.where(l > 0, m + tl.math.log2(tl.maximum(l, 1.0e-30)), float("-inf"))
             tl.store(LSE + split * sl_s + bk * G * T + r, lse, mask=row_ok)
-        if FUSED_REDUCE:
-            # every thread's stores above happen before the release of the arrival count
-            tl.debug_barrier()
-            slot = COUNT + bk * tl.num_programs(2) + mb
-            if tl.atomic_add(slot, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
-                # the last split of this block of rows: combine every split's output by its
-                # log-sum-exp (read past L1, which may not hold the other programs' stores),
-                # COMBINE splits per load, so the chain of dependent loads is n_splits / COMBINE long
-                sp0 = tl.arange(0, COMBINE)
-                mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
-                for s0 in range(0, n_splits, COMBINE):
-                    ok = ((s0 + sp0)[:, None] < n_splits) & row_ok[None, :]
-                    ls = tl.load(LSE + (s0 + sp0)[:, None] * sl_s + bk * G * T + r[None, :], mask=ok,
-                                 other=float("-inf"), cache_modifier=".cg")
-                    mx = tl.maximum(mx, tl.max(ls, 0))
-                mx = tl.where(mx == float("-inf"), 0.0, mx)  # a row no split saw: weights 0, output 0
-                den = tl.zeros([BLOCK_M], tl.float32)
-                num = tl.zeros([BLOCK_M, D], tl.float32)
-                for s0 in range(0, n_splits, COMBINE):
-                    sp = (s0 + sp0)[:, None]
-                    ok = (sp < n_splits) & row_ok[None, :]
-                    w = tl.math.exp2(tl.load(LSE + sp * sl_s + bk * G * T + r[None, :], mask=ok,
-                                             other=float("-inf"), cache_modifier=".cg") - mx[None, :])
-                    o = tl.load(O + sp[:, :, None] * so_s + b * so_b + head[None, :, None] * so_h
-                                + t[None, :, None] * so_t + d[None, None, :],
-                                mask=ok[:, :, None], other=0.0, cache_modifier=".cg")
-                    den += tl.sum(w, 0)
-                    num += tl.sum(o * w[:, :, None], 0)
-                res = num / tl.maximum(den, 1.0e-30)[:, None]
-                tl.store(OUT + b * sout_b + head[:, None] * sout_h + t[:, None] * sout_t + d[None, :],
-                         res.to(OUT.dtype.element_ty), mask=row_ok[:, None])
-                tl.atomic_xchg(slot, 0)  # ready for the next launch
 
     @triton.jit
     def _reduce_kernel(O, LSE, OUT, n_splits, T, H,
@@ -169,8 +107,7 @@ def split_k_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys:
                       chunk_idx: torch.Tensor | None = None, chunk: int = 1,
                       num_splits: int | None = None, block_n: int = 64,
                       out: torch.Tensor | None = None, num_warps: int = 4, num_stages: int | None = None,
-                      n_keys_t: torch.Tensor | None = None, tail_start_t: torch.Tensor | None = None,
-                      fused_reduce: bool | None = None) -> torch.Tensor:
+                      n_keys_t: torch.Tensor | None = None, tail_start_t: torch.Tensor | None = None) -> torch.Tensor:
     """Launch the split-K kernels; q [H, T, D], k/v [KVH, S, D] (any strides, last dim contiguous).
 
     With `n_keys_t` (device scalar) the kernel reads the key count and `tail_start_t` from device
@@ -181,7 +118,6 @@ def split_k_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys:
     store), chunk_idx [B, KVH, n], n_keys_t / tail_start_t [B] int32, out [B, H, T, D]; each row
     attends its own keys with its own lengths, so one launch (and one CUDA graph) serves a batch of
     sequences of different lengths. Host ints `n_keys` / `tail_start` alone are shared by all rows.
-    `fused_reduce` (default: `set_fused_reduce`'s setting) combines the splits in the same launch.
     """
     batched = q.dim() == 4
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
@@ -242,18 +178,15 @@ def split_k_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_keys:
     pdl = use_pdl(q, b * kvh * n_keys * d * 2 * k.element_size())
     if num_stages is None:  # 3 stages measured best on H100 (bf16, D=128); fp32 tiles are twice the smem
         num_stages = 2 if k.dtype == torch.float32 else 3
-    if fused_reduce is None:
-        fused_reduce = _FUSED_REDUCE["on"]
-    counter = _counter(q.device, b * kvh * row_blocks) if splits > 1 and fused_reduce else None
     _partial_kernel[(splits, b * kvh, row_blocks)](
-        q4, k4, v4, idx, o_part, lse, nk_ptr, ts_ptr, counter if counter is not None else q, out4,
+        q4, k4, v4, idx, o_part, lse, nk_ptr, ts_ptr,
         *q4.stride()[:3], *k4.stride()[:3], *v4.stride()[:3], *si, snk, sts,
-        *so, lse.stride(0) if splits > 1 else 0, *out4.stride()[:3],
-        n_sel_tok, tail_start, n_keys, t, g, kvh, keys_per_split, d ** -0.5 * 1.4426950408889634, splits,
+        *so, lse.stride(0) if splits > 1 else 0,
+        n_sel_tok, tail_start, n_keys, t, g, kvh, keys_per_split, d ** -0.5 * 1.4426950408889634,
         CHUNK=chunk, SPARSE=sparse, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        STORE_LSE=splits > 1, PREC=prec, DEVICE_LEN=device_len, FUSED_REDUCE=counter is not None,
-        PDL=pdl, launch_pdl=pdl, num_warps=num_warps, num_stages=num_stages)
-    if splits > 1 and counter is None:
+        STORE_LSE=splits > 1, PREC=prec, DEVICE_LEN=device_len, PDL=pdl, launch_pdl=pdl, num_warps=num_warps,
+        num_stages=num_stages)
+    if splits > 1:
         _reduce_kernel[(b * h * t,)](o_part, lse, out4, splits, t, h, *so, lse.stride(0),
                                      *out4.stride()[:3], D=d, BLOCK_S=next_pow2(splits), PDL=pdl, launch_pdl=pdl,
                                      num_warps=4)

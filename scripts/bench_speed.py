@@ -39,7 +39,6 @@ import torch
 from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel, graph_sizes
-from triforce.kernels._split_k import set_fused_reduce
 from triforce.models.llama import ModelArgs, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -271,8 +270,7 @@ def part_qwen(args, out: dict) -> None:
     Steps against their byte floor (bytes read / the copy bandwidth measured in this run), each
     with the fused projections (add + RMSNorm and SwiGLU inside the GEMVs) ON and OFF side by side:
     0.5B decode over a streaming cache (16 sinks + 496 recent), 1.5B AR at 8K / 32K, verify of
-    2 / 4 / 8 tokens at 32K, retrieval tier at a 4K budget over 32K; the same steps with the split-K
-    attention's reduce in its own kernel instead of the attention launch. Then end to end at 32K with
+    2 / 4 / 8 tokens at 32K, retrieval tier at a 4K budget over 32K. Then end to end at 32K with
     acceptance INJECTED (benchmark-only; random weights accept nothing), fused ON: AR vs
     draft [target, tiny] vs triforce [target, retrieval, tiny].
     """
@@ -309,18 +307,6 @@ def part_qwen(args, out: dict) -> None:
             print(json.dumps(row), flush=True)
         model.fused_projections = tiny.fused_projections = True
         out["qwen_steps"] = rows
-        ab = []  # the split-K reduce inside the attention launch vs its own kernel (default), side by side
-        for fused_reduce in (True, False):
-            set_fused_reduce(fused_reduce)
-            row = {"fused_reduce": fused_reduce, "tiny05_step_ms": step_ms(tiny, stream, 1, lambda: stream.truncate(512)),
-                   "ar32k_ms": step_ms(model, full, 1, lambda: full.truncate(ctx)),
-                   "verify4_32k_ms": step_ms(model, full, 4, lambda: full.truncate(ctx)),
-                   "retrieval4k_ms": step_ms(model, ret, 1, lambda: ret.truncate(ctx))}
-            row.update({k: v for k, v in rows[0].items() if k.endswith("floor_ms")})
-            ab.append(row)
-            print(json.dumps(row), flush=True)
-        set_fused_reduce(False)  # the default: measured slower fused (its last split reduces serially)
-        out["fused_reduce_ab"] = ab
         del ret, full
         gc.collect()
         torch.cuda.empty_cache()
@@ -599,18 +585,6 @@ def summarize(out: dict) -> dict:
     if on and off:  # A/B in one run: ms with the fused projections / without (below 1: fused is faster)
         s["fused_over_unfused"] = {k.removesuffix("_ms"): on[k] / off[k] for k in on
                                    if k.endswith("_ms") and not k.endswith("floor_ms")}
-    ab = {r["fused_reduce"]: r for r in out.get("fused_reduce_ab") or []}
-    if on and True in ab and False in ab:  # the split-K reduce inside the attention launch / in its own kernel
-        s["fused_reduce_over_separate"] = {k.removesuffix("_ms"): ab[True][k] / ab[False][k] for k in ab[True]
-                                           if k.endswith("_ms") and not k.endswith("floor_ms")}
-        sep = ab[False]  # the default since that A/B
-        floor = sep if "ar32k_floor_ms" in sep else on
-        s["separate_reduce_over_floor"] = {"tiny05_step": sep["tiny05_step_ms"] / floor["tiny05_floor_ms"],
-                                           "ar32k": sep["ar32k_ms"] / floor["ar32k_floor_ms"],
-                                           "retrieval4k": sep["retrieval4k_ms"] / floor["retrieval4k_floor_ms"]}
-        # the targets' figures from the default configuration's latest side-by-side measurement
-        s["tiny05_step_over_floor"] = s["separate_reduce_over_floor"]["tiny05_step"]
-        s["q15_ar_over_floor_32k"] = s["separate_reduce_over_floor"]["ar32k"]
     qe = out.get("qwen_e2e_injected") or []
     if qe:
         best = {}

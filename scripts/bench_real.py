@@ -172,7 +172,7 @@ def run_replay(args, recorded: dict, raw: Path) -> list[dict]:
             tiers = gen.tiers(capacity, len(ids), plan)
             counts = {level: rec["accepts"].get(t.name, []) for level, t in enumerate(tiers[:-1])}
             for timed in (False, True):  # the untimed run captures the graphs
-                eng = ReplayEngine(tiers, counts, rec["temperature"], cfg.top_p, cfg.prefill_chunk, gpu_timing=True)
+                eng = ReplayEngine(tiers, counts, rec["temperature"], cfg.top_p, gen.cfg.prefill_chunk, gpu_timing=True)
                 t0 = time.perf_counter()
                 out = eng.generate(ids, n, None, args.seed)
                 if gen.device.type == "cuda":

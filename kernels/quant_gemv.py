@@ -10,7 +10,11 @@ in memory. Formats (computed at load, round to nearest):
 - int4, groups of `group` (32, 64 or 128) along K, asymmetric: W[n, k] ~ (q[n, k] - zero[n, g]) *
   scale[n, g] with g = k // group; q in 0..15, two per uint8 (even k in the low nibble, k + 1 in the
   high one), [N, groups * group / 2] (K padded with zeros to whole groups); scale, zero
-  [N, groups] in the compute dtype (zero is an integer 0..15, so a zero weight stays exactly 0).
+  [N, groups] in the compute dtype. The zero point is fractional: each group's grid runs exactly
+  from its minimum to its maximum, so a group that already is a 16-level grid comes back exactly.
+  A GGUF Q4_0/Q4_1 model's 32-weight blocks are such grids: at group 32 the int4 copy of the
+  embedded SmolLM2 (Q4_1) is its weights exactly in float32 (relative error 0.006 in bf16, where
+  the scales round), against 0.082 with an integer zero point over a range widened to include 0.
 
 Dispatch as kernels/gemv.py: CUDA + bf16/fp16 + <= 16 rows -> Triton, else the reference
 (dequantize, then F.linear): CPU, float32, and prefill-sized row counts.
@@ -57,20 +61,27 @@ def check_group_size(group: int) -> None:
 def quantize_int4(w: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Grouped asymmetric int4 of w [N, K]: (packed uint8 [N, G*group/2], scale [N, G], zero [N, G]).
 
-    Each group's range is widened to include 0 (so the integer zero point exists); K is padded with
-    zeros to whole groups, which then changes no group's range.
+    Each group's 16 levels span its own [min, max] (zero = -min / scale, not rounded); a constant
+    group's range is widened to include 0, so it still has a step. K is padded to whole groups;
+    the padding enters no group's range, and its codes are never read (the reference drops them,
+    the kernel masks x past K). Codes round against the stored (compute-dtype) scale and zero.
     """
     check_group_size(group)
     n, k = w.shape
     groups = -(-k // group)
-    wf = F.pad(w.float(), (0, groups * group - k)).view(n, groups, group)
-    lo, hi = wf.amin(2).clamp(max=0), wf.amax(2).clamp(min=0)
+    pad = groups * group - k
+    wf = w.float()
+    lo = F.pad(wf, (0, pad), value=float("inf")).view(n, groups, group).amin(2)
+    hi = F.pad(wf, (0, pad), value=float("-inf")).view(n, groups, group).amax(2)
+    flat = hi == lo
+    lo, hi = torch.where(flat, lo.clamp(max=0), lo), torch.where(flat, hi.clamp(min=0), hi)
     scale = ((hi - lo) / 15).to(w.dtype)
     s = scale.float()
     s = torch.where(s > 0, s, torch.ones_like(s))  # all-zero group: q = zero = 0
-    zero = (-lo / s).round().clamp(0, 15)
-    q = ((wf / s[..., None]).round() + zero[..., None]).clamp(0, 15).to(torch.uint8).view(n, groups * group)
-    return q[:, 0::2] | (q[:, 1::2] << 4), scale, zero.to(w.dtype)
+    zero = (-lo / s).to(w.dtype)
+    q = (F.pad(wf, (0, pad)).view(n, groups, group) / s[..., None] + zero.float()[..., None]).round().clamp(0, 15)
+    q = q.to(torch.uint8).view(n, groups * group)
+    return q[:, 0::2] | (q[:, 1::2] << 4), scale, zero
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group: int) -> torch.Tensor:

@@ -362,19 +362,41 @@ def test_quantize_int8_round_trip():
 
 @pytest.mark.parametrize("group,k", [(32, 32), (64, 100), (128, 257)])
 def test_quantize_int4_round_trip(group, k):
-    """Within half a step of the group's scale, exact zeros stay exact, two nibbles per byte, K padded."""
+    """Within half a step of the group's scale, each group's min and max exact, a constant group
+    exact, two nibbles per byte, K padded (the padding in no group's range)."""
     w = torch.randn(5, k, generator=torch.Generator().manual_seed(k))
-    w[:, ::7] = 0
+    w[1] = 0.25  # constant rows: every group flat
+    w[2, -(k % group or group):] += 10.0  # the last group one-signed, far from 0, K not a whole group
     packed, scale, zero = quantize_int4(w, group)
     groups = -(-k // group)
     assert packed.dtype == torch.uint8 and packed.shape == (5, groups * group // 2)
-    assert scale.shape == zero.shape == (5, groups) and zero.min() >= 0 and zero.max() <= 15
+    assert scale.shape == zero.shape == (5, groups)
     back = dequantize_int4(packed, scale, zero, k, group)
     step = scale.repeat_interleave(group, 1)[:, :k]
-    assert ((back - w).abs() <= step / 2 + 1e-6).all()
-    assert (back[:, ::7] == 0).all()
+    assert ((back - w).abs() <= step / 2 + 1e-5).all()
+    assert torch.equal(back[1], w[1])
+    for g in range(groups):  # a group's grid ends on its own extremes (over its real weights only)
+        part = slice(g * group, min(k, (g + 1) * group))
+        for pick in (torch.amin, torch.amax):
+            torch.testing.assert_close(pick(back[:, part], 1), pick(w[:, part], 1), rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="group size must be one of"):
         quantize_int4(w, 48)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+def test_quantize_int4_keeps_a_16_level_grid_exactly(group):
+    """Weights that already are a grid of 16 levels per group (a GGUF Q4_1 block: min + d * q, q in
+    0..15, both ends used) come back exactly: an int4 draft of a Q4 model is that model's weights.
+    An integer zero point over a range widened to include 0 (the format before) fails this."""
+    gen = torch.Generator().manual_seed(group)
+    n, groups = 6, 3
+    q = torch.randint(0, 16, (n, groups, group), generator=gen)
+    q[..., 0], q[..., 1] = 0, 15
+    d = torch.rand(n, groups, 1, generator=gen) * 0.1 + 0.01
+    m = -torch.rand(n, groups, 1, generator=gen) * 15 * d  # the block's minimum, not a multiple of d
+    w = (m + d * q).view(n, groups * group)
+    packed, scale, zero = quantize_int4(w, group)
+    torch.testing.assert_close(dequantize_int4(packed, scale, zero, groups * group, group), w, rtol=0, atol=1e-6)
 
 
 QUANT_CASES = [  # rows 1 (FMA path) / 7, 16 (tl.dot path); N odd; K not a multiple of the group or block

@@ -94,6 +94,7 @@ def test_engine_refuses_a_quantized_target(model):
     (["+weights=int4"], "the target cannot be quantized"),
     (["+model.weights=int8"], "the target cannot be quantized"),
     (["cache.weights=int4", "quant_group_size=100"], "group size must be one of"),
+    (["quant_group_size=big"], "quant_group_size must be auto, 32, 64 or 128"),
     (["cache.weights=int8", "quant_head=maybe"], "quant_head must be true, false or auto"),
     (["+model=smollm2-135m", "model.draft_path=lookup", "draft.weights=int4"], "has no weights"),
 ])
@@ -149,3 +150,30 @@ def test_tiny_random_greedy_equals_autoregressive(middle, tiny):
     got = spec.generate(ids, max_new_tokens=20)
     assert got.token_ids == ar.generate(ids, max_new_tokens=20).token_ids
     assert got.stats["middle_weights"] == middle and got.stats["tiny_weights"] == tiny
+
+
+def test_int4_at_group_32_keeps_the_embedded_q4_1_model_exactly(smollm2_dir):
+    """The embedded SmolLM2 is a Q4_1 GGUF: every 32-weight block is min + d * q. int4 at group 32
+    keeps each group's own [min, max] grid, so in float32 its projections come back exactly: the
+    int4 draft of a GGUF Q4 model is that model, in a quarter of the bytes."""
+    from triforce.kernels.quant_gemv import dequantize_int4, quantize_int4
+    from triforce.models.llama import load_hf_dir
+
+    model, _ = load_hf_dir(smollm2_dir, "cpu", torch.float32)
+    err = total = 0.0
+    for name, w in model.layers.named_parameters():
+        if w.dim() == 2:
+            back = dequantize_int4(*quantize_int4(w.detach(), 32), w.shape[1], 32)
+            err += (back - w).pow(2).sum().item()
+            total += w.pow(2).sum().item()
+    assert total > 0 and (err / total) ** 0.5 < 1e-6  # an integer zero point over a 0-widened range: 0.082
+
+
+def test_quant_group_size_auto_is_32_for_a_gguf_model():
+    """auto: 32 where the weights came from a GGUF (its Q4 blocks kept exactly), 128 elsewhere."""
+    from triforce.generator import resolve_quant_group
+
+    assert resolve_quant_group("auto", True) == 32 and resolve_quant_group("auto", False) == 128
+    assert resolve_quant_group(64, True) == 64
+    gen = triforce.load("+model=tiny-random", "cache.weights=int4", "device=cpu")  # random weights: no GGUF
+    assert gen.cfg.quant_group_size == 128

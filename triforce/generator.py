@@ -89,6 +89,18 @@ def resolve_prefill_chunk(value, device: torch.device) -> int:
     return auto.int_or_auto(value, "prefill_chunk") or (4096 if device.type == "cuda" else 512)
 
 
+def resolve_quant_group(value, from_gguf: bool) -> int:
+    """`quant_group_size`: auto is 32 for a model loaded from a GGUF file, 128 otherwise. A GGUF
+    Q4_0/Q4_1/Q4_K model's weights are 16-level grids in blocks of 32, which int4 at group 32 keeps
+    exactly (tests/test_quant.py): its int4 draft tier is then the model itself."""
+    if isinstance(value, str) and value.lower() == "auto":
+        return 32 if from_gguf else 128
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"quant_group_size must be auto, 32, 64 or 128, got {value!r}")
+    check_group_size(value)
+    return value
+
+
 def default_model_config() -> DictConfig:
     """conf/model/smollm2-135m.yaml's `model` node: the embedded default when no +model= is given."""
     return OmegaConf.create(resources.files("triforce.conf").joinpath("model/smollm2-135m.yaml").read_text()).model
@@ -143,6 +155,7 @@ class Generator:
         self.context_length = int(m.context_length)
 
         # checkpoint paths and shapes first (cheap), then the memory check, then the weights
+        from_gguf = False
         if m.random_weights:
             if not m.args:
                 raise ValueError(f"model {m.name}: random_weights needs model.args (ModelArgs fields)")
@@ -151,7 +164,9 @@ class Generator:
         else:
             if not m.path:
                 raise ValueError(f"model {m.name}: set model.path (local HF directory or .gguf file)")
-            target_dir = resolve_checkpoint(model_file(m.name, m.path, m.get("fetch"), "model.fetch", progress and self.rank == 0))
+            source = model_file(m.name, m.path, m.get("fetch"), "model.fetch", progress and self.rank == 0)
+            from_gguf = str(source).endswith(".gguf")
+            target_dir = resolve_checkpoint(source)
             hf_config = json.loads((target_dir / "config.json").read_text())
             self.args = ModelArgs.from_hf_config(hf_config)
             from transformers import AutoTokenizer
@@ -187,7 +202,8 @@ class Generator:
         self._tiers, self.plan = None, None
         # the middle tier runs the target's weights or, with cache.weights=int8|int4, a quantized
         # view of them (shared embedding and norms); the target always runs its own
-        group, head = int(cfg.get("quant_group_size", 128)), cfg.get("quant_head", "auto")
+        cfg.quant_group_size = group = resolve_quant_group(cfg.get("quant_group_size", "auto"), from_gguf)
+        head = cfg.get("quant_head", "auto")
         if self.device.type == "cuda" and self.has_retrieval and self.middle_weights != "bf16":
             copy = quant_weight_bytes(self.model.local_args, self.middle_weights, group, head, self.dtype.itemsize)
             free, _ = torch.cuda.mem_get_info(self.device)
@@ -248,8 +264,7 @@ class Generator:
         middle, tiny = str(cfg.cache.get("weights", "bf16")), str(cfg.draft.get("weights", "bf16"))
         check_weights("cache.weights", middle)
         check_weights("draft.weights", tiny)
-        if "int4" in (middle, tiny):
-            check_group_size(int(cfg.get("quant_group_size", 128)))
+        resolve_quant_group(cfg.get("quant_group_size", "auto"), False)
         quantizes_head(cfg.get("quant_head", "auto"), middle)  # true, false or auto
         if tiny != "bf16" and cfg.model.get("draft_path") == "lookup" and cfg.pipeline in ("triforce", "draft", "auto"):
             raise ValueError(f"draft.weights={tiny}: the prompt-lookup draft (model.draft_path=lookup) has no weights "

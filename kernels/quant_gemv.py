@@ -19,13 +19,22 @@ in memory. Formats (computed at load, round to nearest):
 Dispatch as kernels/gemv.py: CUDA + bf16/fp16 + <= 16 rows -> Triton, else the reference
 (dequantize, then F.linear): CPU, float32, and prefill-sized row counts.
 
-Measured on the H200 (bf16, CUDA graphs, weights rotated out of L2; microseconds for 1 / 8 rows):
-q/k/v 12288x4096: bf16 GEMV 26.0 / 30.9, int8 16.9 / 18.0, int4 25.9 / 27.8; down 4096x11008:
-bf16 23.6 / 25.1, int8 19.8 / 23.8, int4 29.8 / 43.8. int8 runs at 2.3-2.9 TB/s of its bytes;
-int4 is bound by its unpacking (~1 TB/s: shift/mask, a float build from the exponent bits, two
-multiply-adds per weight, a register join into k order), not by bytes, so it is no faster than
-bf16 yet. What would fix it: converting two nibbles per instruction (lop3/prmt inline assembly,
-as Marlin-style kernels do) and an offline shuffle of the packed layout.
+On CUDA (compute capability 8.0+, bf16, N a multiple of 8, K of the group and of 32) an int4 weight is held
+in PyTorch's tinygemm layout instead (`torch._weight_int4pack_mm`, the kernel gpt-fast's int4
+uses; our scale and fractional zero map onto its (q - 8) * scale + offset exactly up to rounding
+the offset): `tinygemm_pack` converts, `int4_tinygemm` runs it, the reference is the same.
+
+Measured on the H200 (bf16, CUDA graphs, weights rotated out of L2; microseconds for 1 / 7-8 rows):
+q/k/v 12288x4096: bf16 GEMV 26.4 / 28.1, int8 17.7 / 20.4, int4 tinygemm 17.2 / 33.0 (the Triton
+kernel 25.9 / 27.8); gate/up 22016x4096: bf16 45.2 / 46.0, int8 27.9 / 35.3, tinygemm 27.4 / 54.7;
+down 4096x11008: bf16 24.0 / 28.5, int8 20.3 / 24.2, tinygemm 16.1 / 30.0 (Triton 29.8 / 43.8).
+tinygemm takes decode steps to ~0.65x bf16 but costs ~1.2x bf16 at 7-16 rows (it tiles M by 16);
+neither int4 path is near its byte floor (6.3 µs for q/k/v): the Triton kernel is bound by its
+unpacking (~1 TB/s: shift/mask, a float build from the exponent bits, multiply-adds per weight, a
+register join into k order), and a layout of eight codes per int32 word with the scale folded per
+word (tried: one shift, one and-or, one FMA per weight) was no faster for one row and 2.5x slower
+under tl.dot. What would fix it: converting two nibbles per instruction (lop3/prmt inline
+assembly, as Marlin-style kernels do).
 """
 from __future__ import annotations
 
@@ -197,6 +206,45 @@ def int4_gemv_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
         packed.stride(0), scale.stride(0), y.stride(0), GROUP=group, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
         GROUPS=groups_per_step or per_step, DOT=dot, HAS_BIAS=bias is not None, num_stages=2, num_warps=warps)
     return y
+
+
+def tinygemm_supported(w: torch.Tensor, group: int) -> bool:
+    """Whether the weight w [N, K] (bf16, on a GPU) can be held and multiplied in tinygemm's layout."""
+    n, k = w.shape
+    return (w.is_cuda and w.dtype == torch.bfloat16 and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+            and torch.cuda.get_device_capability(w.device) >= (8, 0) and n % 8 == 0 and k % group == 0 and k % 32 == 0)
+
+
+def _inner_k_tiles(k: int, group: int) -> int:
+    """tinygemm's K tiling: 2 at group 32, else 8 (best on the H200), the largest that divides k / 16."""
+    for tiles in ((2,) if group == 32 else (8, 4, 2)):
+        if k % (16 * tiles) == 0:
+            return tiles
+    return 2
+
+
+def tinygemm_scales(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """scale/zero [N, G] -> tinygemm's [G, N, 2]: (q - zero) * scale = (q - 8) * scale + (8 - zero) * scale."""
+    s, z = scale.float(), zero.float()
+    return torch.stack((s, (8 - z) * s), -1).transpose(0, 1).contiguous().to(scale.dtype)
+
+
+def tinygemm_pack(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int, group: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our int4 format -> (tinygemm's packed weight, its scales_and_zeros), on packed's (CUDA) device."""
+    n = packed.shape[0]
+    codes = torch.stack((packed & 15, packed >> 4), -1).view(n, -1)[:, :k]
+    pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]  # tinygemm: the even k in the high nibble
+    return torch._convert_weight_to_int4pack(pairs.contiguous(), _inner_k_tiles(k, group)), tinygemm_scales(scale, zero)
+
+
+def int4_tinygemm(x: torch.Tensor, weight: torch.Tensor, scales_and_zeros: torch.Tensor, group: int,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ the tinygemm-packed int4 weight (+ bias): any row count (decode, verify, prefill)."""
+    y = torch._weight_int4pack_mm(x.reshape(-1, x.shape[-1]), weight, group, scales_and_zeros)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _triton_rows(x: torch.Tensor, *weights: torch.Tensor) -> int | None:

@@ -42,7 +42,8 @@ from triforce.cache import FullCache, RetrievalCache, StreamingCache
 from triforce.engine import SpeculativeEngine, Tier
 from triforce.graphs import GraphedModel, graph_sizes
 from triforce.kernels.gemv import gemv_triton
-from triforce.kernels.quant_gemv import int4_gemv_triton, int8_gemv_triton, quantize_int4, quantize_int8
+from triforce.kernels.quant_gemv import (int4_gemv_triton, int4_tinygemm, int8_gemv_triton, quantize_int4, quantize_int8,
+                                         tinygemm_pack)
 from triforce.models.llama import ModelArgs, build_model
 from triforce.models.quant import quant_weight_bytes, quantized_view, quantizes_head
 
@@ -102,7 +103,8 @@ def fill_random(cache: FullCache, length: int) -> None:
 # ----------------------------------------------------------------------------------- 1. GEMVs
 
 def gemv_rows(a: ModelArgs, device: torch.device) -> list[dict]:
-    """Each projection shape of a decode step: bf16 GEMV vs int8 vs int4 (group 128), 1 and 8 rows.
+    """Each projection shape of a decode step: bf16 GEMV vs int8 vs int4 (group 128: tinygemm, what a
+    GPU int4 tier runs, and the Triton kernel), 1 and 8 rows.
 
     Several copies of each weight are cycled so that L2 holds none of them (as in a real step)."""
     if device.type != "cuda":
@@ -115,10 +117,11 @@ def gemv_rows(a: ModelArgs, device: torch.device) -> list[dict]:
         copies = [torch.randn(n, k, device=device).to(torch.bfloat16) for _ in range(4)]
         q8 = [quantize_int8(w) for w in copies]
         q4 = [quantize_int4(w, 128) for w in copies]
+        tg = [tinygemm_pack(*q, k, 128) for q in q4]
         for m in (1, 8):
             x = torch.randn(m, k, device=device).to(torch.bfloat16)
             fns = {"bf16": lambda i: gemv_triton(x, copies[i]), "int8": lambda i: int8_gemv_triton(x, *q8[i]),
-                   "int4": lambda i: int4_gemv_triton(x, *q4[i], 128)}
+                   "int4": lambda i: int4_tinygemm(x, *tg[i], 128), "int4_triton": lambda i: int4_gemv_triton(x, *q4[i], 128)}
             row = {"shape": name, "n": n, "k": k, "rows": m}
             for fmt, fn in fns.items():
                 graph = torch.cuda.CUDAGraph()
@@ -129,7 +132,7 @@ def gemv_rows(a: ModelArgs, device: torch.device) -> list[dict]:
                         fn(i % 4)
                 row[f"{fmt}_us"] = timed(graph.replay, device) / 16 * 1e3
             rows.append(emit(row))
-        del copies, q8, q4
+        del copies, q8, q4, tg
     return rows
 
 

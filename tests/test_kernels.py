@@ -24,7 +24,7 @@ from triforce.kernels.fused_gemv import supported as fused_supported  # noqa: E4
 from triforce.kernels.gemv import gemv, gemv_reference, gemv_triton  # noqa: E402
 from triforce.kernels.quant_gemv import (dequantize_int4, dequantize_int8, int4_gemv, int4_gemv_reference,  # noqa: E402
                                          int4_gemv_triton, int8_gemv, int8_gemv_reference, int8_gemv_triton,
-                                         quantize_int4, quantize_int8)
+                                         quantize_int4, quantize_int8, tinygemm_pack, int4_tinygemm, tinygemm_scales)
 from triforce.kernels._split_k import split_k_attention  # noqa: E402
 from triforce.kernels.rope_write import rope_write, rope_write_reference  # noqa: E402
 from triforce.kernels.row_uniform import row_uniform_reference, row_uniform_triton, seed_key  # noqa: E402
@@ -469,6 +469,49 @@ def test_gpu_quant_gemv_bf16(m, bits):
         want = F.linear(x.float(), dequantize_int4(packed, scale, zero, 4096, 128).float(), b.float())
     torch.testing.assert_close(got.float(), want, atol=0.5, rtol=2e-2)
 
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"), reason="no CPU tinygemm in this torch")
+@pytest.mark.parametrize("n,k,group", [(32, 256, 32), (48, 384, 128), (16, 64, 64)])
+def test_tinygemm_scales_carry_our_scale_and_fractional_zero(n, k, group):
+    """tinygemm dequantizes (q - 8) * scale + offset; our (q - zero) * scale maps onto it. Checked
+    through PyTorch's CPU build of the same op (same [G, N, 2] table); passing (scale, zero) as
+    they are, the mistake this guards against, is off by several times the output."""
+    gen = torch.Generator().manual_seed(n + k)
+    w, x = rand(n, k, gen=gen).bfloat16(), rand(3, k, gen=gen).bfloat16()
+    packed, scale, zero = quantize_int4(w, group)
+    codes = torch.stack((packed & 15, packed >> 4), -1).view(n, -1)[:, :k].to(torch.int32)
+    try:
+        weight = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+    except NotImplementedError:  # declared but not built (seen in a CUDA build of torch)
+        pytest.skip("this torch build has no CPU tinygemm kernel")
+    want = int4_gemv_reference(x.float(), packed, scale.float(), zero.float(), group)
+    got = torch._weight_int4pack_mm_for_cpu(x, weight, group, tinygemm_scales(scale, zero)).float()
+    assert (got - want).norm() / want.norm() < 0.01
+    naive = torch._weight_int4pack_mm_for_cpu(x, weight, group, torch.stack((scale, zero), -1).transpose(0, 1).contiguous())
+    assert (naive.float() - want).norm() / want.norm() > 0.5
+
+
+@gpu
+@pytest.mark.parametrize("n,k,group", [(8, 32, 32), (40, 576, 32), (24, 4096, 128), (4096, 11008, 128), (1536, 8960, 32),
+                                       (152, 896, 64)])
+@pytest.mark.parametrize("m", [1, 7, 16, 40])
+def test_gpu_int4_tinygemm_matches_reference(n, k, group, m):
+    """The tinygemm path (our format packed into its layout) against dequantize-then-matmul, with
+    bias, from one row to prefill-sized row counts; and QuantLinear picks it on the GPU."""
+    from triforce.models.quant import QuantLinear
+
+    gen = torch.Generator().manual_seed(n + k + m)
+    w, x, b = (rand(*s, dtype=torch.bfloat16, gen=gen) for s in ((n, k), (m, k), (n,)))
+    packed, scale, zero = quantize_int4(w, group)
+    want = F.linear(x.float(), dequantize_int4(packed, scale, zero, k, group).float(), b.float())
+    got = int4_tinygemm(x[None], *tinygemm_pack(packed, scale, zero, k, group), group, b)[0].float()
+    assert got.shape == want.shape and (got - want).norm() / want.norm() < 0.01
+    layer = QuantLinear(w, b, 4, group)
+    assert layer.tinygemm and layer.zero is None and layer.nbytes == n * k // 2 + 4 * n * (k // group)
+    assert (layer(x).float() - want).norm() / want.norm() < 0.01
+    back = layer.dequantize().float()
+    assert (back - dequantize_int4(packed, scale, zero, k, group).float()).abs().max() <= scale.float().abs().max() / 8
 
 # ---------------------------------------------------------------- RoPE + KV-store write (graph-mode steps)
 

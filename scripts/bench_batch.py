@@ -17,11 +17,17 @@ allows; random bf16 weights, KV filled with random values, CUDA graphs):
 - with `--continuous`: 4 x B jobs of mixed lengths (new/4 to 2 x new tokens after really prefilled
   prompts) on B rows, static batches (each group waits for its longest job) against continuous
   batching (a waiting job takes a finished row), for batched AR and the draft pair.
+- with `--real`: the real pair instead (Qwen2.5-Coder-1.5B-Instruct over its 0.5B, their Q4_K_M
+  GGUFs dequantized to bf16, `+model=qwen2.5-coder-1.5b`), B different repository-level code
+  completion prompts (`triforce.corpus.code_tasks`, really prefilled), real acceptance: batched
+  AR, the draft pair and the retrieval self-draft through the Generator's tiers.
 Sampling: temperature 0.6, top_p 1 (every row of every pipeline draws; no nucleus sort).
 
     python scripts/bench_batch.py [--batches 1 4 16 32 64] [--shapes q15_8k q15_32k llama7b_32k]
     python scripts/bench_batch.py --continuous --shapes q15_8k --batches 8 32   # + mixed-length jobs, continuous vs static
+    python scripts/bench_batch.py --real --real-contexts 32768 --batches 1 4 16 32   # the real pair, real text
     python scripts/bench_batch.py --smoke      # CPU: toy shapes, every part runs, numbers mean nothing
+    python scripts/bench_batch.py --smoke --real   # CPU: the real-pair part on the embedded SmolLM2
     python scripts/bench_batch.py --merge A.json B.json --out results/batch_h200.json   # runs of other shapes, one file
 Writes results/batch_<gpu>.json (+ .png, speedup against batch size) with a `summary`.
 """
@@ -309,6 +315,113 @@ def run_continuous(batches: list[int], new: int, ctx: int, device, smoke: bool) 
     return rows
 
 
+REAL_PIPELINES = (("autoregressive", 0), ("draft", 6), ("retrieval", 6))  # (pipeline, gamma): real_h200's best fixed
+REAL_OVERRIDES = ["+model=qwen2.5-coder-1.5b"]
+SMOKE_REAL = ["+model=smollm2-135m", "model.context_length=2048", "device=cpu"]
+
+
+def real_generator(overrides: list[str], pipeline: str, gamma: int, budget: int):
+    """A Generator of the real pair for one fixed pipeline (nothing left to `auto`)."""
+    from hydra import compose, initialize_config_module
+
+    from triforce.generator import Generator
+
+    with initialize_config_module(config_module="triforce.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=[*overrides, f"pipeline={pipeline}", f"gamma={max(gamma, 1)}",
+                                                       "draft.gamma=4", f"cache.budget={budget}", "stream=false",
+                                                       "chat=false"])
+    return Generator(cfg)
+
+
+def real_run(gen, pipeline: str, ctx: int, prompts: list[list[int]], names: list[str], new: int,
+             warm_tokens: int) -> dict:
+    """B real prompts in one batch through the Generator's tiers and the public engine: an untimed
+    run on the prompts' first `warm_tokens` tokens captures the graphs on the same caches, then the
+    timed run (prefill excluded: decode time only). EOS does not stop a row (every row generates
+    `new` tokens, as the injected rows do)."""
+    batch = len(prompts)
+    capacity = max(map(len, prompts)) + new + gen.auto.depth
+    tiers = gen._ready_tiers(capacity, new, min(map(len, prompts)), batch)
+    sync = torch.cuda.synchronize if gen.device.type == "cuda" else (lambda: None)
+
+    def run(ids: list[list[int]], n: int, seed0: int) -> tuple[SpeculativeEngine, list, float]:
+        eng = SpeculativeEngine(tiers, 0.6, 1.0, gen.cfg.prefill_chunk, gpu_timing=gen.device.type == "cuda")
+        sync()
+        t0 = time.perf_counter()
+        out = eng.generate_batch([torch.tensor(x) for x in ids], n, set(), list(range(seed0, seed0 + batch)), rows=batch)
+        sync()
+        return eng, out, time.perf_counter() - t0 - eng.prefill_seconds - eng.refill_seconds
+    run([x[:warm_tokens] for x in prompts], min(new, 48), 1000)
+    eng, out, sec = run(prompts, new, 0)
+    n = sum(len(o) for o in out)
+    stats = eng.stats(n)
+    gpu_ms = sum(v["seconds"] for v in stats.values()) * 1e3
+    verifier = eng.tiers[0].stats
+    row_acc = [a / p if p else None for a, p in zip(verifier.row_accepted, verifier.row_proposed)] \
+        if pipeline != "autoregressive" else None
+    row = {"pipeline": pipeline, "real": True, "batch": batch, "context": ctx,
+           "prompt_tokens": [len(x) for x in prompts], "documents": names, "gamma": tiers[0].gamma if len(tiers) > 1 else 0, "tokens": n,
+           "tokens_per_second": n / sec, "ms_per_step_per_row": 1e3 * sec / new, "prefill_seconds": eng.prefill_seconds,
+           "forwards_gpu_ms": gpu_ms, "outside_forwards_ms": 1e3 * sec - gpu_ms, "row_acceptance": row_acc,
+           "tiers": {k: {m: v[m] for m in ("acceptance_rate", "mean_accepted_length", "forwards", "ms_per_forward")}
+                     for k, v in stats.items()}}
+    print(json.dumps({k: v for k, v in row.items() if k not in ("documents", "row_acceptance", "prompt_tokens")}),
+          flush=True)
+    return row
+
+
+def run_real(args, smoke: bool) -> dict:
+    """Every real pipeline x context x batch size; one Generator (one model load) per pipeline."""
+    from triforce.corpus import code_tasks
+
+    overrides = args.real_overrides or (SMOKE_REAL if smoke else REAL_OVERRIDES)
+    budget = 64 if smoke else 2048
+    out: dict = {"overrides": overrides, "budget": budget, "draft_gamma": 4, "temperature": 0.6, "top_p": 1.0,
+                 "prompts": "triforce.corpus.code_tasks (repository-level code completion), a different task per row",
+                 "rows": [], "skipped": []}
+    tasks: dict[int, list] = {}
+    for pipeline, gamma in REAL_PIPELINES:
+        gen = real_generator(overrides, pipeline, gamma, budget)
+        gen.stop_ids = set()
+        out["model"] = gen.cfg.model.name
+        if not tasks:
+            room = args.new_tokens + 128  # the new tokens and a round's drafts must fit the model's context
+            for c in args.real_contexts:
+                ctx = min(c, gen.context_length - room)
+                tasks[ctx] = code_tasks(gen.tokenizer, [ctx], max(args.batches), args.corpus_dir)
+        for ctx, ts in tasks.items():
+            for batch in args.batches:
+                try:
+                    out["rows"].append(real_run(gen, pipeline, ctx, [t.prompt_ids for t in ts[:batch]],
+                                                [t.id for t in ts[:batch]], args.new_tokens, 256 if smoke else 2560))
+                except (ValueError, torch.OutOfMemoryError) as e:  # the planner's "does not fit" or a real OOM
+                    out["skipped"].append({"pipeline": pipeline, "batch": batch, "context": ctx, "reason": str(e)[:300]})
+                    print(json.dumps(out["skipped"][-1]), flush=True)
+                gc.collect()
+                if gen.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        gen._tiers = None
+        del gen
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return out
+
+
+def real_speedups(real: dict) -> dict:
+    """Per context and pipeline: throughput over batched AR of the same rows, per batch size."""
+    res: dict = {}
+    for row in real["rows"]:
+        if row["pipeline"] == "autoregressive":
+            continue
+        ar = next((r for r in real["rows"] if r["pipeline"] == "autoregressive" and r["batch"] == row["batch"]
+                   and r["context"] == row["context"]), None)
+        if ar is not None:
+            res.setdefault(str(row["context"]), {}).setdefault(row["pipeline"], {})[str(row["batch"])] = \
+                row["tokens_per_second"] / ar["tokens_per_second"]
+    return res
+
+
 def speedups(shape: dict) -> dict:
     """Best speculative throughput over batched AR, per batch size and injected rate."""
     res: dict = {}
@@ -355,6 +468,20 @@ def summarize(out: dict) -> dict:
                 "mean_row_rounds": new / tiers["target"]["mean_accepted_length"],
                 "outside_forwards_ms": row["outside_forwards_ms"]}
         s["targets"] = targets(s)
+    if out.get("real"):  # the real pair: speedup per context, pipeline and B, the best at B=32, real acceptance
+        sp = real_speedups(out["real"])
+        s["real_speedup_by_batch"] = sp
+        s["real_acceptance_by_batch"] = {}
+        for r in out["real"]["rows"]:
+            if r["pipeline"] != "autoregressive":
+                s["real_acceptance_by_batch"].setdefault(str(r["context"]), {}).setdefault(r["pipeline"], {})[
+                    str(r["batch"])] = r["tiers"]["target"]["acceptance_rate"]
+        longest = max(sp, key=int) if sp else None
+        at32 = {p: d["32"] for p, d in sp.get(longest, {}).items() if "32" in d}
+        if at32:
+            best = max(at32, key=at32.get)
+            s["real_batch32_speedup_vs_batched_ar_q15_32k"] = {"speedup": at32[best], "pipeline": best,
+                                                               "context": int(longest)}
     if out.get("continuous"):  # per pipeline, at the largest batch measured
         for pipe in sorted({r["pipeline"] for r in out["continuous"]}):
             row = max((r for r in out["continuous"] if r["pipeline"] == pipe), key=lambda r: r["batch"])
@@ -385,7 +512,11 @@ def merge(paths: list[Path], out_path: Path) -> dict:
         for shape in r["shapes"]:
             shapes[shape["shape"]] = shape
     out["shapes"] = list(shapes.values())
-    out["merged_from"] = [{"file": p.name, "shapes": [x["shape"] for x in r["shapes"]], "bandwidth_gb_s": r["bandwidth_gb_s"]}
+    for r in runs:  # the last run with a real-pair part supplies it
+        if r.get("real"):
+            out["real"] = r["real"]
+    out["merged_from"] = [{"file": p.name, "shapes": [x["shape"] for x in r["shapes"]],
+                           "real": bool(r.get("real")), "bandwidth_gb_s": r["bandwidth_gb_s"]}
                           for p, r in zip(paths, runs)]
     out["summary"] = summarize(out)
     out_path.write_text(json.dumps(out, indent=1))
@@ -404,9 +535,13 @@ def plot(out: dict, path: Path) -> None:
             bs = sorted(int(b) for b in d)
             ax.plot(bs, [d[str(b)]["speedup"] for b in bs], "o-" if rate == "0.9" else "s--",
                     label=f"{shape['shape']} @ {rate}")
+    for ctx, pipes in (real_speedups(out["real"]) if out.get("real") else {}).items():
+        for pipe, d in pipes.items():
+            bs = sorted(int(b) for b in d)
+            ax.plot(bs, [d[str(b)] for b in bs], "^:", label=f"real Qwen pair {pipe} @ {ctx} (real acceptance)")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set(xscale="log", xlabel="batch size B", ylabel="throughput over batched autoregressive",
-           title="Batched speculation, injected acceptance (best pipeline per point)")
+           title="Batched speculation: injected acceptance (best pipeline) and the real pair")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -421,6 +556,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--continuous", action="store_true",
                     help="also: mixed-length jobs, continuous batching against static batches (1.5B + 0.5B shapes)")
     ap.add_argument("--continuous-context", type=int, default=4096, help="prompt length of the continuous part")
+    ap.add_argument("--real", action="store_true",
+                    help="the real Qwen2.5-Coder pair on real code prompts (real acceptance) instead of random shapes")
+    ap.add_argument("--real-contexts", type=int, nargs="+", default=[8192, 32768], help="prompt lengths of --real")
+    ap.add_argument("--real-overrides", nargs="+", default=None,
+                    help="Hydra overrides choosing the real model (default: +model=qwen2.5-coder-1.5b)")
+    ap.add_argument("--corpus-dir", default=str(ROOT / "data/code"), help="the code corpus (scripts/fetch_code_corpus.py)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON", help="join runs of other shapes (needs --out)")
     args = ap.parse_args(argv)
@@ -435,6 +576,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("error: bench_batch.py measures GPU steps; on a CPU run it with --smoke")
     if args.smoke:
         args.batches, args.shapes, args.new_tokens = [1, 3], ["q15_8k"], 6
+        if args.real:
+            args.real_contexts = [600]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     out = {"gpu": name, "torch": torch.__version__, "python": platform.python_version(),
            "settings": {"dtype": "float32 (smoke)" if args.smoke else "bfloat16", "weights": "random",
@@ -451,6 +594,15 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     path = args.out or (Path("/tmp/triforce_batch_smoke.json") if args.smoke else ROOT / f"results/batch_{gpu_tag(name)}.json")
     out["shapes"] = []
+    if args.real:
+        path = args.out or (Path("/tmp/triforce_batch_real_smoke.json") if args.smoke
+                            else ROOT / f"results/batch_real_{gpu_tag(name)}.json")
+        out["settings"].update(weights="real (the real pair's GGUFs, dequantized)", injected_acceptance=None)
+        out["real"] = run_real(args, args.smoke)
+        out["summary"] = summarize(out)
+        path.write_text(json.dumps(out, indent=1))
+        print(json.dumps(out["summary"], indent=1))
+        return out
     for s in args.shapes:  # written after each shape: a run cut short keeps what it measured
         out["shapes"].append(run_shape(s, args.batches, args.new_tokens, bw, device, args.smoke))
         out["summary"] = summarize(out)
